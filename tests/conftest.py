@@ -1,0 +1,68 @@
+"""Shared pytest fixtures: a moto S3 server on loopback and a local 2-CPU Ray runtime.
+
+- ``s3_server`` (session): starts ``moto.server.ThreadedMotoServer`` on 127.0.0.1, sets
+  AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_DEFAULT_REGION in ``os.environ``
+  for the whole session (so boto3, pyarrow and Ray workers started afterwards all see it) and yields
+  the endpoint URL, e.g. ``"http://127.0.0.1:51234"``.
+- ``s3_bucket`` (function): a fresh, uniquely named bucket on that server; yields ``"s3://<bucket>"``.
+- ``ray_local`` (session): ``ray.init(num_cpus=2, include_dashboard=False)``; shut down at the end.
+  Request ``s3_server`` before ``ray_local`` when Ray workers must reach S3, so they inherit the env.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+_S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    port = server._server.server_port
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in [*_S3_ENV, "AWS_ENDPOINT_URL"]}
+    os.environ.update(_S3_ENV)
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    yield f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
