@@ -1,0 +1,41 @@
+"""`phantom-ray model info PRESET|CHECKPOINT`: parameter counts per part, without allocating weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _info(args: argparse.Namespace) -> int:
+    from phantom_ray.model.config import PhantomConfig, list_presets
+    from phantom_ray.model.info import parameter_counts
+
+    if args.model in list_presets():
+        cfg = PhantomConfig.from_preset(args.model)
+    else:
+        from phantom_ray.model.loading import resolve_checkpoint
+
+        cfg = PhantomConfig.from_json_file(resolve_checkpoint(args.model) / "config.json")
+    counts = parameter_counts(cfg)
+    if args.json:
+        print(json.dumps({"model": args.model, "family": cfg.family, **counts}))
+        return 0
+    llm = cfg.llm_config
+    print(f"{args.model}: family {cfg.family}, LLM hidden {llm.hidden_size} x {llm.num_hidden_layers} layers, "
+          f"heads {llm.num_attention_heads}/{llm.num_key_value_heads} kv, head_dim {llm.head_dim}, "
+          f"{cfg.num_image_token} image tokens per tile at {cfg.image_size}px")
+    for part in ("vision", "projector", "llm", "phantom", "total"):
+        print(f"  {part:<10} {counts[part]:>15,d}  ({counts[part] / 1e9:.3f} B)")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("model", help="inspect model presets and checkpoints")
+    msub = p.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
+    msub.required = True
+    info = msub.add_parser("info", help="parameter counts per part (meta device, no weights allocated)")
+    info.add_argument("model", help="preset name (see list) or checkpoint dir / s3:// URI")
+    info.add_argument("--json", action="store_true", help="print one JSON line")
+    info.set_defaults(func=_info)
+    lst = msub.add_parser("list", help="list presets")
+    lst.set_defaults(func=lambda a: print("\n".join(__import__("phantom_ray.model", fromlist=["x"]).list_presets())) or 0)
