@@ -34,6 +34,7 @@ __all__ = [
     "write_bytes_atomic",
     "write_text_atomic",
     "exists",
+    "size",
     "delete",
     "download_dir",
     "upload_dir",
@@ -221,6 +222,18 @@ def exists(uri: str) -> bool:
         resp = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
         return resp.get("KeyCount", 0) > 0
     return os.path.exists(uri)
+
+
+def size(uri: str) -> int:
+    """Size in bytes of one file/object; FileNotFoundError naming the URI when it does not exist."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        client = s3_client()
+        try:
+            return int(client.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except client.exceptions.ClientError as exc:
+            raise FileNotFoundError(f"no such object: {uri}") from exc
+    return os.path.getsize(uri)
 
 
 def delete(uri: str) -> None:

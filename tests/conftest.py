@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 
@@ -28,6 +29,7 @@ _S3_ENV = {
 def s3_server():
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per S3 request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     port = server._server.server_port

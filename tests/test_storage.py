@@ -38,6 +38,7 @@ def test_roundtrip_list_exists(root):
     assert storage.exists(storage.join(root, "a", "x.parquet"))
     assert not storage.exists(storage.join(root, "nope.json"))
     assert storage.read_bytes(storage.join(root, "b.json")) == b"22"
+    assert storage.size(storage.join(root, "b.json")) == 2
     assert storage.list_files(root) == [storage.join(root, "a", "x.parquet"), storage.join(root, "b.json")]
     assert storage.list_files(root, suffixes=".parquet") == [storage.join(root, "a", "x.parquet")]
     # a file URI lists as itself

@@ -1,0 +1,161 @@
+"""The packed row schema, stable sample ids and validation of conversations.
+
+Packed shards (``<output>/shards/*.parquet``) hold one row per usable sample:
+
+=================  ===========  ==========================================================
+column             type         meaning
+=================  ===========  ==========================================================
+``sample_id``      string       stable id: sha256(source + "\\0" + input file + "#" + row)[:24]
+``source``         string       corpus name (input file stem unless ``--source`` is given)
+``kind``           string       ``"sft"`` (image + conversation), ``"text"`` (no image),
+                                ``"triple"`` (PO triple: question, chosen, rejected)
+``conversations``  string       JSON list of ``{"role": "system"|"user"|"assistant",
+                                "content": str}``; image placeholders (``<image>``,
+                                ``<|image|>``) are removed: the image, when present, belongs to
+                                the first user turn. For triples: the single user question.
+``chosen``         string/null  triples only: the correct answer
+``rejected``       string/null  triples only: the incorrect/ambiguous answer
+``image``          binary/null  the original encoded image file (PNG/JPEG/...), not re-encoded
+``image_sha256``   string/null  sha256 hex of ``image``
+``orig_id``        string/null  the record's own ``id`` field when it has one
+=================  ===========  ==========================================================
+
+The errors table (``<output>/errors.parquet``) has ``sample_id``, ``source``, ``index`` (row in
+its input file), ``reason`` (one of :data:`ERROR_REASONS`) and ``detail`` (human-readable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+KINDS = ("sft", "text", "triple")
+
+ERROR_REASONS = (
+    "missing_image",         # image path in the record does not exist under the image root
+    "undecodable_image",     # bytes are not an image PIL can decode
+    "malformed_conversation",  # turns missing, wrong roles/order, non-string content
+    "empty_answer",          # an assistant turn / chosen / rejected answer is empty
+    "malformed_record",      # not a JSON object, unparseable line, several images, missing fields
+)
+
+PACKED_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("source", pa.string()),
+    ("kind", pa.string()),
+    ("conversations", pa.string()),
+    ("chosen", pa.string()),
+    ("rejected", pa.string()),
+    ("image", pa.binary()),
+    ("image_sha256", pa.string()),
+    ("orig_id", pa.string()),
+])
+
+ERRORS_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("source", pa.string()),
+    ("index", pa.int64()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),
+])
+
+_ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "bot": "assistant", "system": "system"}
+_IMAGE_TAG = re.compile(r"<image>|<\|image\|>|<image_placeholder>")
+
+
+def make_sample_id(source: str, file_key: str, index: int) -> str:
+    """Stable id of the ``index``-th record of ``file_key`` in ``source`` (same across re-runs)."""
+    return hashlib.sha256(f"{source}\0{file_key}#{index}".encode()).hexdigest()[:24]
+
+
+class RowError(Exception):
+    """A record that cannot be used; ``reason`` is one of :data:`ERROR_REASONS`."""
+
+    def __init__(self, reason: str, detail: str):
+        if reason not in ERROR_REASONS:
+            raise ValueError(f"unknown error reason {reason!r}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def strip_image_tags(text: str) -> str:
+    return _IMAGE_TAG.sub("", text).strip()
+
+
+def normalize_conversation(turns) -> list[dict]:
+    """LLaVA ``{"from","value"}`` or OpenAI ``{"role","content"}`` turns -> validated role/content.
+
+    Requires: an optional leading system turn, then user/assistant alternating starting with user,
+    ending with an assistant turn; every assistant answer non-empty.
+    """
+    if isinstance(turns, str):
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as exc:
+            raise RowError("malformed_conversation", f"conversation is not valid JSON ({exc})") from None
+    if not isinstance(turns, (list, tuple)) or not turns:
+        raise RowError("malformed_conversation", "conversation must be a non-empty list of turns")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RowError("malformed_conversation", f"turn {i} is not an object")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role not in _ROLE:
+            raise RowError("malformed_conversation", f"turn {i} has unknown role {role!r}")
+        if not isinstance(content, str):
+            raise RowError("malformed_conversation", f"turn {i} content is not a string")
+        out.append({"role": _ROLE[role], "content": strip_image_tags(content)})
+    body = out[1:] if out[0]["role"] == "system" else out
+    if len(body) < 2 or len(body) % 2:
+        raise RowError("malformed_conversation",
+                       f"need user/assistant pairs, got roles {[t['role'] for t in out]}")
+    for i, turn in enumerate(body):
+        want = "user" if i % 2 == 0 else "assistant"
+        if turn["role"] != want:
+            raise RowError("malformed_conversation",
+                           f"turn order must alternate user/assistant, got roles {[t['role'] for t in out]}")
+        if want == "assistant" and not turn["content"]:
+            raise RowError("empty_answer", f"assistant turn {i} is empty")
+        if want == "user" and not turn["content"]:
+            raise RowError("malformed_conversation", f"user turn {i} is empty")
+    return out
+
+
+def check_image(data: bytes) -> None:
+    """Raise RowError('undecodable_image') unless PIL fully decodes ``data``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise RowError("undecodable_image", "image is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if im.width < 1 or im.height < 1:
+                raise RowError("undecodable_image", f"image has size {im.size}")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise RowError("undecodable_image", f"{type(exc).__name__}: {exc}") from None
+
+
+@dataclass
+class RawRecord:
+    """One input record after layout parsing, before its image is fetched and checked."""
+
+    index: int
+    sample_id: str
+    source: str
+    kind: str
+    conversations: list[dict] | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    image_bytes: bytes | None = None
+    image_path: str | None = None  # relative to the image root (or absolute / s3://)
+    orig_id: str | None = None
+    error: RowError | None = None  # set when parsing already failed
