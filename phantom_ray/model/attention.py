@@ -128,6 +128,11 @@ def build_context(
     )
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """At least fp32 for softmax/gate arithmetic (fp64 stays fp64 for reference tests)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def first_real_index(mask: torch.Tensor) -> torch.Tensor:
     """Index of the first non-padding position per row (0 for an all-padding row)."""
     m = mask.bool()
@@ -156,7 +161,8 @@ def eager_attention(q, k, v, ctx: AttnContext, scale: float) -> torch.Tensor:
     Hk, T = k.shape[1], k.shape[2]
     r = H // Hk
     qf = _fold_gqa(q, Hk)
-    scores = torch.matmul(qf.float(), k.float().transpose(-1, -2)) * scale  # (B, Hk, r*L, T)
+    acc = acc_dtype(q.dtype)
+    scores = torch.matmul(qf.to(acc), k.to(acc).transpose(-1, -2)) * scale  # (B, Hk, r*L, T)
     if ctx.allowed is not None:
         mask = _fold_mask(ctx.allowed, r)
     elif ctx.is_causal:
@@ -166,7 +172,7 @@ def eager_attention(q, k, v, ctx: AttnContext, scale: float) -> torch.Tensor:
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(dim=-1)
-    out = torch.matmul(probs, v.float()).to(q.dtype)  # (B, Hk, r*L, Dv)
+    out = torch.matmul(probs, v.to(acc)).to(q.dtype)  # (B, Hk, r*L, Dv)
     return out.reshape(B, H, L, v.shape[-1])
 
 
@@ -235,7 +241,7 @@ class XAttention(nn.Module):
         kh = F.gelu(self.linear_k(phantom))  # (B, 1, G, D)
         vh = F.gelu(self.linear_v(phantom))  # (B, 1, G, D)
         scores = torch.matmul(qh, kh.transpose(-1, -2)) * self.scale  # (B, L, G, G) over phantom heads
-        attn = scores.float().softmax(dim=-1).to(vh.dtype)
+        attn = scores.to(acc_dtype(scores.dtype)).softmax(dim=-1).to(vh.dtype)
         z = F.gelu(self.linear_o(torch.matmul(attn, vh)))  # (B, L, G, D)
         return x + self.eta * z if residual else self.eta * z
 
@@ -284,6 +290,7 @@ def phantom_attention(
     if not use_phantom:
         return out
     o1, o2 = out[..., :D], out[..., D:]
-    w = module.gating_phantom_1(o1).float() - module.gating_phantom_2(o2).float()  # (B, L, H, 1)
-    g = torch.sigmoid(w)
-    return (g * o1.float() + (1 - g) * o2.float()).to(o1.dtype)
+    acc = acc_dtype(o1.dtype)
+    w = module.gating_phantom_1(o1).to(acc) - module.gating_phantom_2(o2).to(acc)  # (B, L, H, 1)
+    g = torch.sigmoid(w)  # = exp(w1) / (exp(w1) + exp(w2)) without overflow (spec H8)
+    return (g * o1.to(acc) + (1 - g) * o2.to(acc)).to(o1.dtype)

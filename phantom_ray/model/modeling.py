@@ -252,7 +252,11 @@ class PhantomForCausalLM(nn.Module):
         dev = input_ids.device
         stops = torch.tensor(stop_token_ids if stop_token_ids is not None else self.config.stop_token_ids,
                              dtype=torch.long, device=dev)
-        pad = pad_token_id if pad_token_id is not None else (stops[0].item() if stops.numel() else 0)
+        pad = pad_token_id
+        if pad is None:
+            valid_stops = [i for i in stops.tolist() if i >= 0]
+            pad = self.config.llm_config.pad_token_id
+            pad = pad if pad is not None else (valid_stops[0] if valid_stops else 0)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         input_ids, mask = left_align(input_ids, mask, pad)
         if phantom_index is not None and attention_mask is not None:
