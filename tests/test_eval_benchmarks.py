@@ -269,3 +269,14 @@ def test_limit_and_errors(root, tmp_path):
     items = load_benchmark("sqa", root)
     with pytest.raises(ValueError, match="2 predictions for 3 items"):
         score_benchmark("sqa", items, ["A", "B"])
+
+
+def test_multi_image_items_are_concatenated_like_the_original(root):
+    from phantom_ray.eval.images import item_image
+
+    art = next(i for i in load_benchmark("blink", root) if i.id == "val_Art_Style_1")
+    im = item_image(art.images)  # three 4x4 images, 10 px apart, on black
+    assert im.size == (3 * 4 + 2 * 10, 4)
+    assert im.getpixel((0, 0)) == (40, 0, 0) and im.getpixel((14, 0)) == (80, 0, 0) and im.getpixel((5, 0)) == (0, 0, 0)
+    single = load_benchmark("mmstar", root)[0]
+    assert item_image(single.images).size == (4, 4) and item_image([]) is None
