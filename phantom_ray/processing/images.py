@@ -55,7 +55,7 @@ def load_image(
     """Return ``src`` as a decoded RGB PIL image, or raise :class:`ImageError`.
 
     ``src`` may be a PIL image, encoded bytes (JPEG, PNG, WebP, GIF (first frame), BMP, TIFF, ...),
-    a ``data:image/...;base64,`` URI, a local path, or a uint8 tensor / array shaped (3,H,W),
+    a ``data:image/...;base64,`` URI, a local path or ``s3://`` URI, or a uint8 tensor / array shaped (3,H,W),
     (H,W,3), (1,H,W), (H,W) or with 4 channels (RGBA). The pixel limit is checked from the file
     header before the pixels are decoded.
     """
@@ -68,6 +68,14 @@ def load_image(
         s = str(src)
         if s.startswith("data:"):
             img = _decode(_data_uri_bytes(s), max_pixels, max_aspect_ratio, exif_transpose, what="data URI")
+        elif s.startswith("s3://"):
+            from phantom_ray.storage import read_bytes
+
+            try:
+                data = read_bytes(s)
+            except (OSError, ValueError) as exc:  # FileNotFoundError for a missing object
+                raise ImageError("unreadable_image", f"cannot read image {s!r}: {exc}") from exc
+            img = _decode(data, max_pixels, max_aspect_ratio, exif_transpose, what=s)
         else:
             try:
                 data = Path(s).read_bytes()

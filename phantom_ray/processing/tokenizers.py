@@ -47,10 +47,9 @@ circle circles square squares triangle triangles star stars line lines dot dots 
 one two three four five six seven eight nine ten red green blue yellow orange purple pink brown grey gray
 0 1 2 3 4 5 6 7 8 9 10 100 , . ? ! : ; ' " ( ) - the a an of in on at is are and with to it
 """
-
-
-class TokenizerError(ValueError):
-    pass
+_TINY_WORDS = ("red green blue yellow orange purple pink brown white black grey circle square triangle star "
+               "line dot one two three four five six seven eight nine ten left right top bottom image color "
+               "shape how many what is there are the")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -71,7 +70,8 @@ def _tiny_tokenizer_json(template: str) -> str:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_TINY_CORPUS.splitlines(), trainer=trainer)
+    # the key words count 8x more, so colour/shape/number words become whole tokens
+    tok.train_from_iterator(_TINY_CORPUS.splitlines() + [_TINY_WORDS] * 8, trainer=trainer)
     for i, t in enumerate(specials):
         if tok.token_to_id(t) != i:
             raise RuntimeError(f"tiny tokenizer: special token {t!r} got id {tok.token_to_id(t)}, expected {i}")
@@ -130,16 +130,24 @@ class SentencePieceTokenizer:
         }
         self._special = {**self._special_pieces, **self.added_tokens}
         self._id_to_added = {v: k for k, v in self.added_tokens.items()}
-        splittable = sorted((t for t in self._special if t and not self.sp.is_unknown(self._special[t])
-                             and t not in ("<s>", "</s>")), key=len, reverse=True)
+        # text is split on every special string except unk/bos/eos (the reference never sees those
+        # in prompts and "<s>" could legitimately occur in text)
+        skip = {self.sp.id_to_piece(i) for i in (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()) if 0 <= i < n}
+        splittable = sorted((t for t in self._special if t and t not in skip), key=len, reverse=True)
         self._split_re = re.compile("(" + "|".join(re.escape(t) for t in splittable) + ")") if splittable else None
         self.eos_token = eos_token
         self.pad_token = pad_token or eos_token
         self.unk_token_id = self.sp.unk_id()
 
+    _SPECIAL_LIKE = re.compile(r"^<[^<>\s]+>$")
+
     def _is_user_defined(self, i: int) -> bool:
-        fn = getattr(self.sp, "is_user_defined", None)
-        return bool(fn(i)) if fn is not None else False
+        # sentencepiece's Python API cannot tell user-defined pieces (InternLM2's <|im_start|>) apart;
+        # such a piece looks like <...> and always encodes to itself, in any context
+        if self.sp.is_byte(i):
+            return False
+        piece = self.sp.id_to_piece(i)
+        return bool(self._SPECIAL_LIKE.match(piece)) and self.sp.encode("a" + piece)[-1:] == [i]
 
     def __getstate__(self):
         d = dict(self.__dict__)
@@ -261,17 +269,15 @@ def _cache_root() -> Path:
 
 
 def _download_s3_dir(uri: str) -> Path:
-    import boto3
+    """Fetch only the tokenizer files under an s3:// checkpoint prefix (not the weights) into the
+    local cache (``$PHANTOM_RAY_CACHE`` or ~/.cache/phantom_ray); each file lands atomically."""
+    from phantom_ray.storage import s3_client, split_s3
 
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise ValueError(f"tokenizer path {uri!r} names no bucket")
-    prefix = prefix.strip("/")
+    bucket, prefix = split_s3(uri)
     dest = _cache_root() / "tokenizers" / bucket / (prefix or "_root")
-    s3 = boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None)
+    s3 = s3_client()
     found = []
-    paginator = s3.get_paginator("list_objects_v2")
-    for page in paginator.paginate(Bucket=bucket, Prefix=(prefix + "/") if prefix else ""):
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=(prefix + "/") if prefix else ""):
         for obj in page.get("Contents", []):
             rel = obj["Key"][len(prefix) + 1:] if prefix else obj["Key"]
             if rel in _TOKENIZER_FILES:
@@ -283,7 +289,7 @@ def _download_s3_dir(uri: str) -> Path:
         fd, tmp = tempfile.mkstemp(dir=dest, prefix=f".{rel}.")
         os.close(fd)
         s3.download_file(bucket, key, tmp)
-        os.replace(tmp, dest / rel)  # atomic per file: concurrent actors never read half a file
+        os.replace(tmp, dest / rel)  # concurrent actors never read half a file
     return dest
 
 
