@@ -235,14 +235,19 @@ class XAttention(nn.Module):
         self.eta = eta
         self.scale = in_features**-0.5
 
-    def forward(self, x: torch.Tensor, phantom: torch.Tensor, residual: bool) -> torch.Tensor:
-        """x (B, L, G, D); phantom (B, 1, G, D) -> (B, L, G, D)."""
-        qh = F.gelu(self.linear_q(x))  # (B, L, G, D)
-        kh = F.gelu(self.linear_k(phantom))  # (B, 1, G, D)
-        vh = F.gelu(self.linear_v(phantom))  # (B, 1, G, D)
-        scores = torch.matmul(qh, kh.transpose(-1, -2)) * self.scale  # (B, L, G, G) over phantom heads
+    def phantom_keys(self, phantom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the cross-head attention, from the phantom states (B, 1, G, D) -> 2x (B, G, D).
+        They are fixed for a sequence, so decoding computes them once (stored in the cache)."""
+        return F.gelu(self.linear_k(phantom))[:, 0], F.gelu(self.linear_v(phantom))[:, 0]
+
+    def forward(self, x: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, residual: bool) -> torch.Tensor:
+        """x (B, L, G, D); kh, vh (B, G, D) from ``phantom_keys`` -> (B, L, G, D)."""
+        B, L, G, D = x.shape
+        qh = F.gelu(self.linear_q(x)).reshape(B, L * G, D)  # every (token, head) vector is one query
+        # one GEMM per row instead of L tiny (G x G) ones: the keys are shared by all L tokens
+        scores = torch.bmm(qh, kh.transpose(1, 2)) * self.scale  # (B, L*G, G) over the phantom token's heads
         attn = scores.to(acc_dtype(scores.dtype)).softmax(dim=-1).to(vh.dtype)
-        z = F.gelu(self.linear_o(torch.matmul(attn, vh)))  # (B, L, G, D)
+        z = F.gelu(self.linear_o(torch.bmm(attn, vh))).reshape(B, L, G, D)
         return x + self.eta * z if residual else self.eta * z
 
 
@@ -273,16 +278,24 @@ def phantom_attention(
     cache = ctx.cache
     use_phantom = ctx.use_phantom
     if use_phantom:
+        xq, xk, xv = module.xattn_query_phantom, module.xattn_key_phantom, module.xattn_value_phantom
         states = cache.phantom[layer_idx] if cache is not None else None
         if states is None:
             rows = torch.arange(q.shape[0], device=q.device)
             idx = ctx.phantom_local_index
             states = PhantomStates(q[rows, idx][:, None], k[rows, idx][:, None], v[rows, idx][:, None])
             if cache is not None:
-                cache.phantom[layer_idx] = PhantomStates(*(t.detach() for t in (states.q, states.k, states.v)))
-        q = torch.cat([q, module.xattn_query_phantom(q, states.q, residual=False)], dim=-1)  # (B, L, H, 2D)
-        k = torch.cat([k, module.xattn_key_phantom(k, states.k, residual=False)], dim=-1)  # (B, L, Hk, 2D)
-        v = torch.cat([v, module.xattn_value_phantom(v, states.v, residual=True)], dim=-1)
+                states = PhantomStates(*(t.detach() for t in (states.q, states.k, states.v)))
+                cache.phantom[layer_idx] = states
+        if states.derived is None:
+            derived = (*xq.phantom_keys(states.q), *xk.phantom_keys(states.k), *xv.phantom_keys(states.v))
+            if cache is not None:
+                states.derived = derived
+        else:
+            derived = states.derived
+        q = torch.cat([q, xq(q, derived[0], derived[1], residual=False)], dim=-1)  # (B, L, H, 2D)
+        k = torch.cat([k, xk(k, derived[2], derived[3], residual=False)], dim=-1)  # (B, L, Hk, 2D)
+        v = torch.cat([v, xv(v, derived[4], derived[5], residual=True)], dim=-1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, Dk)
     if cache is not None:
         k, v = cache.update(layer_idx, k, v)  # (B, Hk, T, Dk)

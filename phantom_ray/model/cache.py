@@ -28,9 +28,14 @@ class PhantomStates:
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
+    # cross-head attention keys/values derived from the states by the (fixed) phantom weights,
+    # computed once per request: (q_keys, q_values, k_keys, k_values, v_keys, v_values), each (B, G, D)
+    derived: tuple[torch.Tensor, ...] | None = None
 
     def index_select(self, idx: torch.Tensor) -> "PhantomStates":
-        return PhantomStates(self.q.index_select(0, idx), self.k.index_select(0, idx), self.v.index_select(0, idx))
+        derived = None if self.derived is None else tuple(t.index_select(0, idx) for t in self.derived)
+        return PhantomStates(self.q.index_select(0, idx), self.k.index_select(0, idx), self.v.index_select(0, idx),
+                             derived)
 
 
 class PhantomCache:
