@@ -30,17 +30,20 @@ def s3_server():
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one INFO line per S3 request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    port = server._server.server_port
-    endpoint = f"http://127.0.0.1:{port}"
+    server = None
+    endpoint = os.environ.get("PHANTOM_TEST_S3_ENDPOINT")  # a moto server started by scripts/run_tests.sh
+    if not endpoint:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        endpoint = f"http://127.0.0.1:{server._server.server_port}"
     saved = {k: os.environ.get(k) for k in [*_S3_ENV, "AWS_ENDPOINT_URL"]}
     os.environ.update(_S3_ENV)
     os.environ["AWS_ENDPOINT_URL"] = endpoint
     try:
         yield endpoint
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -1,0 +1,37 @@
+# The two set-up commands of the README:
+#   make quickstart   install, then run the main job on embedded defaults (local Ray, local storage)
+#   make test         install, then run the test suite (what CI runs through .ci/run)
+# Both create ./.venv from this repository's own files; nothing else needs to be installed first.
+
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# the CPU build of torch (on a GPU machine install the CUDA build of the same version first)
+TORCH ?= torch==2.13.0
+
+.PHONY: install test test-all quickstart clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e '.[test,train,serve]'
+	# DeepSpeed JIT-compiles a shared-memory comm op on first use (~45 s): do it once here
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	VENV=$(VENV) bash scripts/run_tests.sh
+
+# the default suite plus the slow end-to-end tests
+test-all: install
+	VENV=$(VENV) bash scripts/run_tests.sh -m "not gpu"
+
+quickstart: install
+	$(BIN)/phantom-ray quickstart
+
+clean:
+	rm -rf $(VENV) .phantom_ray_quickstart
