@@ -153,3 +153,12 @@ def test_tensor_layouts_agree():
     assert np.array_equal(a, arr) and np.array_equal(b, arr)
     grey = np.asarray(load_image(torch.from_numpy(arr[..., 0])))
     assert grey.shape == (20, 30, 3) and np.array_equal(grey[..., 1], arr[..., 0])
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    data = encode(img, "JPEG", exif=exif.tobytes())
+    assert load_image(data).size == (20, 40)
+    assert load_image(data, exif_transpose=False).size == (40, 20)
