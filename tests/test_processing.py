@@ -372,3 +372,28 @@ def test_decode_generation_stops_at_end_token(procs):
     ids = proc.tokenizer.encode(" The circle is red. ", add_special_tokens=False) + [proc.end_token_id, 7, 8]
     assert proc.decode_generation(ids) == "The circle is red."
     assert proc.end_token_id in proc.stop_token_ids
+
+
+def test_openai_content_parts_equal_placeholders(procs):
+    import base64
+    import io
+
+    proc = procs["tiny-qwen2"]
+    img = noise_image(64, 32, 9)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Compare "},
+                                          {"type": "image_url", "image_url": {"url": uri}},
+                                          {"type": "text", "text": " please."}]},
+             {"role": "assistant", "content": "Red."}]
+    a = proc.encode(parts)
+    b = proc.encode([{"role": "user", "content": "Compare <image> please."}, {"role": "assistant", "content": "Red."}],
+                    images=[img])
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+    assert torch.equal(a.pixel_values, b.pixel_values)
+    assert proc.build_prompt(parts[:1]) == "<|im_start|>user\nCompare <image> please.<|im_end|><|im_start|>assistant\n"
+    with pytest.raises(SampleError) as e:
+        proc.encode([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]},
+                     {"role": "assistant", "content": "a"}])
+    assert e.value.reason == "unsupported_input"

@@ -24,6 +24,7 @@ from phantom_ray.processing.processor import (
     PairSample,
     PhantomProcessor,
     Sample,
+    split_content_parts,
 )
 from phantom_ray.processing.tokenizers import (
     SentencePieceTokenizer,
@@ -36,5 +37,5 @@ __all__ = [
     "DEFAULT_MAX_ASPECT_RATIO", "DEFAULT_MAX_PIXELS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_PLACEHOLDER",
     "ImageError", "PROMPT_RULES", "PairSample", "PhantomProcessor", "ProcessingError", "Sample", "SampleError",
     "SentencePieceTokenizer", "build_tiny_tokenizer", "candidate_grids", "check_image_token", "choose_grid",
-    "dynamic_tiles", "load_image", "load_tokenizer", "tile_pixel_values", "tiles_to_tensor", "to_rgb",
+    "dynamic_tiles", "load_image", "load_tokenizer", "split_content_parts", "tile_pixel_values", "tiles_to_tensor", "to_rgb",
 ]

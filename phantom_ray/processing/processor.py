@@ -80,6 +80,44 @@ class PairSample:
 Segment = tuple[str, Any]
 
 
+def split_content_parts(messages) -> tuple[list, list]:
+    """OpenAI-style content lists -> (messages with string content, images in order).
+
+    ``{"type": "text", "text": ...}`` parts are joined; each ``{"type": "image", "image": src}`` or
+    ``{"type": "image_url", "image_url": {"url": src}}`` part becomes an ``<image>`` placeholder at
+    its position, and ``src`` (data URI, path, s3:// URI, bytes or PIL image) is collected.
+    String contents pass through unchanged."""
+    if not isinstance(messages, (list, tuple)):
+        return messages, []
+    out, images = [], []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), (list, tuple)):
+            out.append(m)
+            continue
+        text = []
+        for part in m["content"]:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                text.append(str(part.get("text", "")))
+            elif kind in ("image", "image_url"):
+                src = part.get(kind)
+                if isinstance(src, dict):
+                    src = src.get("url")
+                if src is None:
+                    raise SampleError("malformed_conversation", f"message {k}: {kind} part has no image")
+                if isinstance(src, str) and src.startswith(("http://", "https://")):
+                    raise SampleError("unsupported_input", f"message {k}: http(s) image URLs are not fetched by the "
+                                      "processor; download the image or send it as a data URI")
+                if m.get("role") != "user":
+                    raise SampleError("malformed_conversation", f"message {k}: images are only allowed in user turns")
+                text.append(IMAGE_PLACEHOLDER)
+                images.append(src)
+            else:
+                raise SampleError("malformed_conversation", f"message {k}: unknown content part {part!r:.80}")
+        out.append({**m, "content": "".join(text)})
+    return out, images
+
+
 class PhantomProcessor:
     """Turns conversations and images into model inputs, identically for training, batch
     captioning and serving."""
@@ -227,7 +265,8 @@ class PhantomProcessor:
                      num_tiles: Sequence[int] | None = None) -> str:
         """The exact template string (spec 4.1/4.2). With ``num_tiles`` (one entry per image) the
         ``<image>`` placeholders are expanded to ``<img><IMG_CONTEXT>*K</img>``; otherwise they stay."""
-        n_images = len(num_tiles) if num_tiles is not None else None
+        messages, part_images = split_content_parts(messages)
+        n_images = len(num_tiles) if num_tiles is not None else (len(part_images) or None)
         if n_images is None:
             n_images = sum(m.get("content", "").count(IMAGE_PLACEHOLDER) for m in messages
                            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str))
@@ -365,7 +404,13 @@ class PhantomProcessor:
 
     def encode(self, messages, images=None, system: str | None = None, add_generation_prompt: bool = False) -> Sample:
         """A conversation (OpenAI-like role/content dicts, ``<image>`` placeholders in user turns)
-        and its images -> Sample. Every assistant answer and its end token are supervised."""
+        and its images -> Sample. Every assistant answer and its end token are supervised.
+        Content may also be an OpenAI-style list of text and image parts (see split_content_parts)."""
+        messages, part_images = split_content_parts(messages)
+        if part_images:
+            if images is not None:
+                raise SampleError("malformed_conversation", "images given both as content parts and as images=")
+            images = part_images
         pixel_values, num_tiles = self.process_images(images)
         return self._encode(messages, system, add_generation_prompt, pixel_values, num_tiles)
 
