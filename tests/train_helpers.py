@@ -1,0 +1,49 @@
+"""Shared helpers of the training tests: tiny configs, synthetic pair batches, a packed corpus."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+
+def tiny_cfg(tmp_path, **sections):
+    from phantom_ray.train.config import TrainConfig
+
+    d = {"data": {"shards": str(tmp_path / "none"), "task": "po", "batch_size": 4},
+         "model": {"preset": "tiny-qwen2", "phantom_eta": 1.0},
+         "optim": {"lr": 1e-2, "grad_clip": 1.0},
+         "deepspeed": {"zero_stage": 0},
+         "run": {"storage_path": str(tmp_path / "runs"), "seed": 0}}
+    for k, v in sections.items():
+        d.setdefault(k, {}).update(v)
+    return TrainConfig.from_dict(d)
+
+
+def pair_batches(n_batches: int, batch_size: int = 4, seed: int = 0, task: str = "po"):
+    """Collated PO (or SFT) batches of synthetic colour questions, built with the tiny processor."""
+    from phantom_ray.data.synth import QUESTIONS, _wrong, random_image
+    from phantom_ray.processing import PhantomProcessor, load_tokenizer
+    from phantom_ray.model import PhantomConfig
+    from phantom_ray.processing.images import load_image
+
+    cfg = PhantomConfig.from_preset("tiny-qwen2")
+    proc = PhantomProcessor(cfg, load_tokenizer("tiny-qwen2", cfg), max_length=256)
+    rng = random.Random(seed)
+    out = []
+    for b in range(n_batches):
+        pairs = []
+        for i in range(batch_size):
+            img = random_image(rng, 32)
+            right = img.answer("colour")
+            pair = proc.encode_triple(QUESTIONS["colour"], right, _wrong(rng, "colour", right),
+                                      image=load_image(img.png))
+            pairs.append(pair)
+        if task == "po":
+            batch = proc.collate_pairs(pairs)
+        else:
+            batch = proc.collate([p.chosen for p in pairs])
+        batch["sample_id"] = [f"s{seed}-{b}-{i}" for i in range(batch_size)]
+        out.append(batch)
+    return out
