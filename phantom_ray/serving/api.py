@@ -1,0 +1,212 @@
+"""The OpenAI-compatible HTTP API (FastAPI), independent of how the models are reached.
+
+``create_api(frontend)`` returns the FastAPI app; ``Frontend`` holds the backends (one per model
+name, anything with ``stream(payload) -> async iterator of engine events``). The Serve ingress
+(``phantom_ray.serving.app``) plugs in Ray deployment handles; tests can plug in in-process workers.
+
+Routes: ``POST /v1/chat/completions`` (JSON or server-sent events), ``GET /v1/models``,
+``GET /v1/models/{model}``, ``GET /health``. Every error is OpenAI's error JSON. With API keys
+configured, ``/v1/*`` needs ``Authorization: Bearer <key>``; keys are compared in constant time and
+never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import AsyncIterator, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from phantom_ray.serving.config import ServeArgs
+from phantom_ray.serving.protocol import APIError, ChatCompletionRequest, ImagePolicy, to_payload, validation_message
+
+log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    def stream(self, payload: dict) -> AsyncIterator[dict]: ...
+
+
+class Frontend:
+    """Request policy and routing of one application (shared by all ingress replicas)."""
+
+    def __init__(self, args: ServeArgs, backends: dict[str, Backend], api_keys: list[str] | None = None):
+        missing = sorted({m.name for m in args.models} - set(backends))
+        if missing:
+            raise ValueError(f"no backend for models {missing}")
+        self.args = args
+        self.backends = backends
+        self.api_keys = [k for k in (api_keys or []) if k]
+        self.policy = ImagePolicy(
+            allowed_prefixes=args.allowed_image_url_prefixes, max_images=args.max_images_per_request,
+            max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
+            fetch_timeout_s=args.image_fetch_timeout_s,
+        )
+        self.created = int(time.time())
+
+    def check_auth(self, request: Request) -> None:
+        if not self.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(401, "missing API key: send Authorization: Bearer <key>", "missing_api_key")
+        if not any(hmac.compare_digest(token.encode(), k.encode()) for k in self.api_keys):
+            raise APIError(401, "incorrect API key provided", "invalid_api_key")
+
+    def model_card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "phantom_ray"}
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def _event_error(event: dict) -> APIError:
+    return APIError(int(event.get("status", 500)), event.get("message", "error"), event.get("code"))
+
+
+async def _first_event(frontend: Frontend, model: str, payload: dict):
+    """Start the backend stream and wait for its first event (errors before any token become HTTP errors)."""
+    stream = frontend.backends[model].stream(payload)
+    it = stream.__aiter__()
+    try:
+        first = await it.__anext__()
+    except StopAsyncIteration:
+        raise APIError(500, "the model replica ended the request without an answer", "empty_response") from None
+    if first.get("type") == "error":
+        raise _event_error(first)
+    return first, it
+
+
+def create_api(frontend: Frontend) -> FastAPI:
+    app = FastAPI(title="Phantom OpenAI-compatible API", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError):
+        msg, param = validation_message(exc)
+        return _error_response(APIError(400, msg, "invalid_request", param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException):
+        code = "not_found" if exc.status_code == 404 else None
+        return _error_response(APIError(exc.status_code, str(exc.detail), code))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": sorted(frontend.backends)}
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        frontend.check_auth(request)
+        return {"object": "list", "data": [frontend.model_card(m.name) for m in frontend.args.models]}
+
+    @app.get("/v1/models/{model}")
+    async def get_model(model: str, request: Request):
+        frontend.check_auth(request)
+        if model not in frontend.backends:
+            raise APIError(404, f"the model {model!r} does not exist", "model_not_found", "model")
+        return frontend.model_card(model)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        frontend.check_auth(request)
+        raw = await request.body()
+        if len(raw) > frontend.args.max_request_bytes:
+            raise APIError(413, f"request body is {len(raw)} bytes, over the limit of "
+                                f"{frontend.args.max_request_bytes}", "request_too_large")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}", "invalid_json") from exc
+        if not isinstance(body, dict):
+            raise APIError(400, "request body must be a JSON object", "invalid_json")
+        try:
+            req = ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            msg, param = validation_message(exc)
+            raise APIError(400, msg, "invalid_request", param) from exc
+        if req.model not in frontend.backends:
+            raise APIError(404, f"the model {req.model!r} does not exist; see GET /v1/models",
+                           "model_not_found", "model")
+        spec = frontend.args.model(req.model)
+        payload = await to_payload(req, frontend.policy, spec.max_tokens_limit, spec.default_max_tokens)
+        first, events = await _first_event(frontend, req.model, payload)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_sse(rid, created, req.model, first, events, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await _complete(rid, created, req.model, first, events)
+
+    return app
+
+
+async def _events(first: dict, rest) -> AsyncIterator[dict]:
+    yield first
+    async for event in rest:
+        yield event
+
+
+async def _complete(rid: str, created: int, model: str, first: dict, rest) -> JSONResponse:
+    text: list[str] = []
+    async for event in _events(first, rest):
+        if event["type"] == "delta":
+            text.append(event["text"])
+        elif event["type"] == "error":
+            raise _event_error(event)
+        elif event["type"] == "done":
+            usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
+                     "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
+            return JSONResponse({
+                "id": rid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                             "logprobs": None, "finish_reason": event["finish_reason"]}],
+                "usage": usage,
+            })
+    raise APIError(500, "the model replica ended the request without finishing it", "incomplete_response")
+
+
+def _chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None, usage=None) -> str:
+    choices = [] if usage is not None else [
+        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _sse(rid: str, created: int, model: str, first: dict, rest, include_usage: bool) -> AsyncIterator[str]:
+    yield _chunk(rid, created, model, {"role": "assistant", "content": ""}, None)
+    try:
+        async for event in _events(first, rest):
+            if event["type"] == "delta":
+                yield _chunk(rid, created, model, {"content": event["text"]}, None)
+            elif event["type"] == "done":
+                yield _chunk(rid, created, model, {}, event["finish_reason"])
+                if include_usage:
+                    usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
+                             "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
+                    yield _chunk(rid, created, model, {}, None, usage=usage)
+                break
+            elif event["type"] == "error":
+                yield f"data: {json.dumps(_event_error(event).body())}\n\n"
+                break
+    except APIError as exc:  # raised by a backend mid-stream (e.g. a replica died)
+        yield f"data: {json.dumps(exc.body())}\n\n"
+    yield "data: [DONE]\n\n"

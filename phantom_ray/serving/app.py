@@ -1,0 +1,96 @@
+"""Ray Serve application: one deployment per Phantom model behind one OpenAI-compatible ingress.
+
+    serve run phantom_ray.serving.app:build_app --address auto ...     # or, with a config file:
+    serve deploy serve/gpu-cluster.yaml
+    phantom-ray serve --config serve/local-cpu.yaml --port 8000
+
+``build_app(args)`` validates ``args`` (``phantom_ray.serving.config.ServeArgs``) and binds:
+
+* ``PhantomModel-<name>`` per model: a replica loads the checkpoint (``ModelWorker``) and batches
+  concurrent requests into one generation (``BatchingEngine``); it has its own resources
+  (fractional GPUs allowed), ``max_ongoing_requests``, ``max_queued_requests`` and autoscaling;
+* ``PhantomIngress``: the FastAPI app of ``phantom_ray.serving.api``, routing by the ``model`` field
+  to the model deployments' handles (streaming calls). A model whose queue is full answers 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import AsyncIterator
+
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from phantom_ray.serving.api import Frontend, create_api
+from phantom_ray.serving.config import ServeArgs, parse_args
+from phantom_ray.serving.protocol import APIError
+from phantom_ray.serving.worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment
+class PhantomModelDeployment:
+    """A replica of one model: batched generation, events streamed back to the ingress."""
+
+    def __init__(self, spec: dict, max_image_pixels: int):
+        self.worker = ModelWorker(spec, max_image_pixels=max_image_pixels, use_ray_metrics=True)
+
+    async def generate(self, payload: dict) -> AsyncIterator[dict]:
+        async for event in self.worker.generate(payload):
+            yield event
+
+    def stats(self) -> dict:
+        return self.worker.stats()
+
+
+class _HandleBackend:
+    """Reaches a model deployment through its handle, as a stream of engine events."""
+
+    def __init__(self, name: str, handle: DeploymentHandle):
+        self.name = name
+        self.handle = handle.options(stream=True)
+
+    async def stream(self, payload: dict) -> AsyncIterator[dict]:
+        try:
+            async for event in self.handle.generate.remote(payload):
+                yield event
+        except BackPressureError as exc:
+            raise APIError(503, f"model {self.name!r} is at capacity (its request queue is full); retry later",
+                           "model_overloaded", headers={"Retry-After": "1"}) from exc
+
+
+@serve.deployment
+@serve.ingress()
+class PhantomIngress:
+    """OpenAI-compatible HTTP front; the FastAPI app is built per replica from the model handles."""
+
+    def __init__(self, args: dict, handles: dict[str, DeploymentHandle]):
+        self.args = parse_args(args)
+        keys: list[str] = []
+        if self.args.api_keys_env:
+            keys = [k.strip() for k in os.environ.get(self.args.api_keys_env, "").split(",") if k.strip()]
+            if not keys:
+                log.warning("api_keys_env=%s is unset or empty: the API accepts requests without a key",
+                            self.args.api_keys_env)
+        backends = {name: _HandleBackend(name, h) for name, h in handles.items()}
+        self.frontend = Frontend(self.args, backends, api_keys=keys)
+
+    def __serve_build_asgi_app__(self):
+        return create_api(self.frontend)
+
+
+def build_app(args: dict | ServeArgs) -> serve.Application:
+    """The Serve application for ``args`` (the ``args`` block of a Serve config file)."""
+    parsed = parse_args(args)
+    handles = {}
+    for spec in parsed.models:
+        handles[spec.name] = PhantomModelDeployment.options(**spec.deployment_options()).bind(
+            spec.model_dump(), parsed.max_image_pixels)
+    return PhantomIngress.options(
+        ray_actor_options={"num_cpus": parsed.ingress_num_cpus},
+        num_replicas=parsed.ingress_num_replicas,
+        max_ongoing_requests=parsed.ingress_max_ongoing_requests,
+    ).bind(parsed.model_dump(), handles)

@@ -1,0 +1,96 @@
+"""``phantom-ray serve``: run a Serve config file's applications locally until interrupted.
+
+    phantom-ray serve --config serve/local-cpu.yaml [--host 127.0.0.1] [--port 8000] [--num-cpus 2]
+
+Starts (or joins, with ``--address``) a Ray runtime, starts Serve's HTTP proxy on host:port and
+deploys every application of the config file with its ``args``; Ctrl-C shuts Serve down. The same
+file also works with Ray's CLI (``serve run`` / ``serve deploy``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+import threading
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve Phantom models over an OpenAI-compatible HTTP API",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="Serve config YAML (e.g. serve/local-cpu.yaml)")
+    p.add_argument("--host", default=None, help="HTTP host (default: the file's http_options.host or 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default: the file's http_options.port or 8000)")
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--num-cpus", type=float, default=None, help="CPUs of the local Ray runtime (default: all)")
+    p.set_defaults(func=run)
+
+
+def load_serve_config(path: str):
+    """The file validated by Ray Serve's schema, each application's args by ours."""
+    import yaml
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    from phantom_ray.serving.config import parse_args
+
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    try:
+        schema = ServeDeploySchema.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(f"{path}: not a valid Ray Serve config:\n{exc}") from exc
+    for app in schema.applications:
+        if app.import_path == "phantom_ray.serving.app:build_app":
+            try:
+                parse_args(app.args or {})
+            except ValidationError as exc:
+                raise ValueError(f"{path}: application {app.name!r} args are invalid:\n{exc}") from exc
+    return schema
+
+
+def _build(app_schema):
+    module_name, _, attr = app_schema.import_path.replace(":", ".").rpartition(".")
+    target = getattr(importlib.import_module(module_name), attr)
+    if callable(target) and not hasattr(target, "bind"):
+        return target(app_schema.args or {})
+    return target
+
+
+def run(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    try:
+        schema = load_serve_config(args.config)
+    except (OSError, ValueError) as exc:
+        print(f"phantom-ray serve: {exc}", file=sys.stderr)
+        return 2
+    host = args.host or schema.http_options.host or "127.0.0.1"
+    port = args.port or schema.http_options.port or 8000
+    env_vars: dict[str, str] = {}
+    for app in schema.applications:
+        env_vars.update((app.runtime_env or {}).get("env_vars", {}))
+    os.environ.update(env_vars)  # the replicas are started from this process's environment
+    init_kwargs = {"address": args.address} if args.address else {"num_cpus": args.num_cpus}
+    ray.init(**init_kwargs, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port,
+                                  "request_timeout_s": schema.http_options.request_timeout_s})
+        for app in schema.applications:
+            serve.run(_build(app), name=app.name, route_prefix=app.route_prefix, blocking=False)
+        names = ", ".join(a.name for a in schema.applications)
+        print(f"phantom-ray serve: {names} on http://{host}:{port} (OpenAI API under /v1); Ctrl-C to stop",
+              flush=True)
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0

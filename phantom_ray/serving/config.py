@@ -1,0 +1,167 @@
+"""Typed arguments of the Serve application (``build_app(args)``), as pydantic models.
+
+The ``args`` block of a Serve config file (``serve/local-cpu.yaml``, ``serve/gpu-cluster.yaml``,
+the RayService ``serveConfigV2``) is validated here when the application is built: a misspelt or
+out-of-range field fails the deploy with a message that names it, instead of a replica crashing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Model names become part of Serve deployment names and appear in URLs' JSON bodies: keep them plain.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ModelSpec(BaseModel):
+    """One served model: its checkpoint, how a replica loads it, and how Serve scales it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="the `model` field requests use to pick this model")
+    checkpoint: str = Field(description="a preset name (random weights), a local directory or an s3:// prefix")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["eager", "sdpa", "flash"] = "sdpa"
+    # replica resources; fractional GPUs let small models share a card
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, gt=0)
+    torch_num_threads: int | None = Field(None, ge=1, description="intra-op threads per replica (CPU)")
+    # Serve request limits: a replica holds at most max_ongoing_requests; max_queued_requests more wait
+    # in each caller's handle, beyond that the API answers 503 (None: 2 x max_ongoing_requests, -1: unbounded)
+    max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int | None = Field(None, ge=-1)
+    # dynamic batching inside a replica
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
+    # fixed replica count or Serve autoscaling (exactly one of them may be set)
+    num_replicas: int | None = Field(None, ge=1)
+    autoscaling_config: dict[str, Any] | None = None
+    # request limits
+    max_prompt_tokens: int = Field(8192, ge=16, description="prompt length limit, image tokens included")
+    max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(256, ge=1)
+    seed: int = Field(0, description="weight init seed when checkpoint is a preset (tests, smoke runs)")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"model name {v!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _check_checkpoint(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("checkpoint must not be empty")
+        return v
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _check_autoscaling(cls, v):
+        if v is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            AutoscalingConfig(**v)  # Ray's own validation (min <= max, known fields)
+        return v
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "ModelSpec":
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError(f"model {self.name!r}: set num_replicas or autoscaling_config, not both")
+        if self.max_batch_size > self.max_ongoing_requests:
+            raise ValueError(
+                f"model {self.name!r}: max_batch_size={self.max_batch_size} exceeds max_ongoing_requests="
+                f"{self.max_ongoing_requests}; a replica never holds enough requests to fill such a batch"
+            )
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError(f"model {self.name!r}: default_max_tokens > max_tokens_limit")
+        return self
+
+    @property
+    def is_preset(self) -> bool:
+        from phantom_ray.model.config import PRESETS
+
+        return self.checkpoint in PRESETS
+
+    @property
+    def queue_limit(self) -> int:
+        if self.max_queued_requests is None:
+            return 2 * self.max_ongoing_requests
+        return self.max_queued_requests
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``Deployment.options`` for this model's replicas."""
+        opts: dict[str, Any] = {
+            "name": deployment_name(self.name),
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.queue_limit,
+        }
+        if self.autoscaling_config is not None:
+            opts["autoscaling_config"] = dict(self.autoscaling_config)
+        else:
+            opts["num_replicas"] = self.num_replicas or 1
+        return opts
+
+
+class ServeArgs(BaseModel):
+    """The whole application: the models and the HTTP front's request policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelSpec] = Field(min_length=1)
+    # name of the environment variable holding accepted API keys (comma-separated); None or an unset /
+    # empty variable means no authentication. The keys themselves never appear in a config file.
+    api_keys_env: str | None = None
+    # image_url values other than data: URIs must start with one of these (e.g. "s3://bucket/",
+    # "https://images.example.com/"); empty: only inline data: URIs are accepted
+    allowed_image_url_prefixes: list[str] = Field(default_factory=list)
+    max_images_per_request: int = Field(4, ge=0)
+    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    image_fetch_timeout_s: float = Field(10.0, gt=0)
+    ingress_num_cpus: float = Field(0.25, gt=0)
+    ingress_num_replicas: int = Field(1, ge=1)
+    # streaming responses hold an ingress slot for their whole generation: keep this well above the
+    # sum of the models' max_ongoing_requests (Serve's default of 5 would cap every batch at 5)
+    ingress_max_ongoing_requests: int = Field(1024, ge=1)
+
+    @field_validator("allowed_image_url_prefixes")
+    @classmethod
+    def _check_prefixes(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if not p.startswith(("s3://", "http://", "https://")):
+                raise ValueError(f"allowed_image_url_prefixes entry {p!r} must start with s3://, http:// or https://")
+            if p in ("s3://", "http://", "https://"):
+                raise ValueError(f"allowed_image_url_prefixes entry {p!r} would allow every host; name one")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "ServeArgs":
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique, repeated: {dup}")
+        return self
+
+    def model(self, name: str) -> ModelSpec:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+def deployment_name(model_name: str) -> str:
+    return f"PhantomModel-{model_name}"
+
+
+def parse_args(args: dict | ServeArgs) -> ServeArgs:
+    """Validate ``args`` (the dict of a Serve config's ``args`` block)."""
+    if isinstance(args, ServeArgs):
+        return args
+    return ServeArgs.model_validate(args)
