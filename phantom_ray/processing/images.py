@@ -9,7 +9,7 @@ actors and Serve replicas. Two things differ from the reference on purpose:
   running ToTensor + Normalize per tile. The tiles are the same pixels (a tile of the resized image
   is a direct crop), so the tensors match the per-tile path to float rounding.
 
-Bad input raises :class:`ImageError` with a short reason code (``undecodable_image``,
+Bad input raises :class:`ImageError` with a short reason code (``undecodable_image``, ``unreadable_image``,
 ``empty_image``, ``too_many_pixels``, ``bad_aspect_ratio``, ``unsupported_input``) that callers can
 write into their error tables as is.
 """
