@@ -108,3 +108,34 @@ def test_bad_inputs_become_error_events_and_the_worker_keeps_serving(worker):
     stats = worker.stats()
     assert stats["requests"]["error"] >= 3 and stats["requests"]["ok"] >= 1
     assert stats["max_batch_size"] >= 1 and stats["completion_tokens"] > 0
+
+
+def test_deltas_stream_in_pieces_and_add_up(worker):
+    text, final, pieces = asyncio.run(run_one(worker, payload(4, max_tokens=24, ignore_eos=True)))
+    assert final["completion_tokens"] == 24
+    assert len(pieces) > 1, "the answer came as one piece: not streamed"
+    assert "".join(pieces) == text
+
+
+def _save_with_tokenizer(model, tokenizer, where: str) -> None:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        extra = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+    model.save_pretrained(where, extra_files=extra)
+
+
+def test_worker_loads_checkpoints_from_a_directory_and_s3(worker, tmp_path, s3_bucket):
+    p = payload(3, max_tokens=10, ignore_eos=True)
+    want = asyncio.run(run_one(worker, p))[0]
+    local = str(tmp_path / "export")
+    _save_with_tokenizer(worker.model, worker.processor.tokenizer, local)
+    uri = f"{s3_bucket}/export/tiny-qwen2"
+    _save_with_tokenizer(worker.model, worker.processor.tokenizer, uri)
+    for checkpoint in (local, uri):
+        spec = ModelSpec(name="exported", checkpoint=checkpoint, torch_num_threads=1)
+        assert not spec.is_preset
+        loaded = ModelWorker(spec)
+        assert asyncio.run(run_one(loaded, p))[0] == want, checkpoint

@@ -7,7 +7,7 @@ thread, so the replica's event loop keeps accepting requests meanwhile. The mode
 is batch-invariant, so a request gets the same tokens alone or in a batch of sixteen.
 
 Every request receives events through its own queue, token by token (the model's
-``stream_callback``): ``{"type": "delta", "text": ...}`` pieces, then one
+``stream_callback``; deltas that queued up while the consumer was busy are merged into one): ``{"type": "delta", "text": ...}`` pieces, then one
 ``{"type": "done", "finish_reason", "prompt_tokens", "completion_tokens"}``, or one
 ``{"type": "error", "status", "code", "message"}``. Streaming and non-streaming answers are the same
 events; a non-streaming answer is their concatenation.
@@ -116,9 +116,19 @@ class BatchingEngine:
         self._ensure_started()
         entry = _Entry(request, asyncio.Queue(), self._loop, time.monotonic())
         await self._pending.put(entry)
+        held = None
         try:
             while True:
-                event = await entry.queue.get()
+                event = held if held is not None else await entry.queue.get()
+                held = None
+                # deltas that piled up while the consumer was busy go out as one: a slow stream
+                # (many rows, a remote caller) sends fewer, larger pieces instead of falling behind
+                while event["type"] == "delta" and not entry.queue.empty():
+                    nxt = entry.queue.get_nowait()
+                    if nxt["type"] != "delta":
+                        held = nxt
+                        break
+                    event = {"type": "delta", "text": event["text"] + nxt["text"]}
                 yield event
                 if event["type"] in ("done", "error"):
                     return
