@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -83,7 +84,13 @@ class Generation:
     @classmethod
     def failed(cls, exc: Exception, num_tiles: int = 0) -> "Generation":
         reason = getattr(exc, "reason", None) or type(exc).__name__
-        return cls(text=None, num_tiles=num_tiles, error=reason, error_detail=str(exc)[:2000])
+        return cls(text=None, num_tiles=num_tiles, error=reason, error_detail=error_detail(exc))
+
+
+def error_detail(exc: Exception) -> str:
+    """The message of ``exc`` without memory addresses (PIL names ``<BytesIO object at 0x...>``),
+    so that the error rows of two runs over the same input are identical."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))[:2000]
 
 
 def is_preset(model_id: str) -> bool:
