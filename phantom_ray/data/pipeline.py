@@ -209,14 +209,17 @@ def read_packed(cfg: DataConfig, epoch: int = 0):
 
 # ---- per-row processing --------------------------------------------------------------------------
 
-def default_processor_factory(model: str, max_length: int = 2048):
-    """PhantomProcessor for a preset name (``tiny-qwen2``) or a checkpoint directory / s3:// URI."""
+def default_processor_factory(model: str, max_length: int = 2048, **config_overrides):
+    """PhantomProcessor for a preset name (``tiny-qwen2``) or a checkpoint directory / s3:// URI;
+    ``config_overrides`` (presets only) set PhantomConfig fields, e.g. ``force_image_size=448``."""
     from phantom_ray.model.config import PhantomConfig, list_presets
     from phantom_ray.processing import PhantomProcessor, load_tokenizer
 
     if model in list_presets():
-        config = PhantomConfig.from_preset(model)
+        config = PhantomConfig.from_preset(model, **config_overrides)
     else:
+        if config_overrides:
+            raise ValueError(f"config overrides {sorted(config_overrides)} apply to presets only, not {model!r}")
         import os
         import tempfile
 
