@@ -204,3 +204,34 @@ def test_local_cpu_config_hosts_the_two_tiny_presets_on_cpu():
 def test_invalid_args_are_refused_naming_the_field(bad, match):
     with pytest.raises(ValidationError, match=match):
         ServeArgs.model_validate(bad)
+
+
+class _FailingBackend:
+    """Fails before any event (``at=0``) or after ``at`` deltas, like a replica that died."""
+
+    def __init__(self, at: int):
+        self.at = at
+
+    async def stream(self, payload):
+        for k in range(self.at):
+            yield {"type": "delta", "text": f"t{k}"}
+        raise RuntimeError("replica died")
+
+
+def test_backend_failures_are_openai_errors_and_requests_are_counted(args):
+    seen = []
+    small = args.model_copy(update={"max_request_bytes": 2000})
+    backends = {"tiny-qwen2": _FailingBackend(0), "tiny-internlm2": _FailingBackend(2)}
+    frontend = Frontend(small, backends, on_response=lambda path, status: seen.append((path, status)))
+    with TestClient(create_api(frontend), raise_server_exceptions=False) as c:
+        resp = c.post("/v1/chat/completions", json=chat("hi"))
+        assert_openai_error(resp, 500, "internal_error")
+        assert "replica died" not in resp.text  # details stay in the log
+        with c.stream("POST", "/v1/chat/completions", json=chat("hi", model="tiny-internlm2", stream=True)) as r:
+            assert r.status_code == 200
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["error"]["code"] == "internal_error"
+        assert "".join(json.loads(x[6:])["choices"][0]["delta"].get("content", "") for x in lines[:-2]) == "t0t1"
+        assert_openai_error(c.post("/v1/chat/completions", json=chat("x" * 3000)), 413, "request_too_large")
+    assert ("/v1/chat/completions", 500) in seen and ("/v1/chat/completions", 413) in seen

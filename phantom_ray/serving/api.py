@@ -8,6 +8,10 @@ Routes: ``POST /v1/chat/completions`` (JSON or server-sent events), ``GET /v1/mo
 ``GET /v1/models/{model}``, ``GET /health``. Every error is OpenAI's error JSON. With API keys
 configured, ``/v1/*`` needs ``Authorization: Bearer <key>``; keys are compared in constant time and
 never logged.
+
+Defaults follow OpenAI's: ``temperature`` 1.0 (sampling; send 0 for greedy, batch-invariant answers),
+``top_p`` 1.0, ``max_tokens`` the model's ``default_max_tokens``. ``ignore_eos`` (vLLM's extension)
+generates exactly ``max_tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ class Backend(Protocol):
 class Frontend:
     """Request policy and routing of one application (shared by all ingress replicas)."""
 
-    def __init__(self, args: ServeArgs, backends: dict[str, Backend], api_keys: list[str] | None = None):
+    def __init__(self, args: ServeArgs, backends: dict[str, Backend], api_keys: list[str] | None = None,
+                 on_response=None):
         missing = sorted({m.name for m in args.models} - set(backends))
         if missing:
             raise ValueError(f"no backend for models {missing}")
@@ -51,6 +56,7 @@ class Frontend:
             fetch_timeout_s=args.image_fetch_timeout_s,
         )
         self.created = int(time.time())
+        self.on_response = on_response  # (path, status) after every HTTP response, for metrics
 
     def check_auth(self, request: Request) -> None:
         if not self.api_keys:
@@ -105,6 +111,18 @@ def create_api(frontend: Frontend) -> FastAPI:
         code = "not_found" if exc.status_code == 404 else None
         return _error_response(APIError(exc.status_code, str(exc.detail), code))
 
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # noqa: BLE001 - a replica died or failed: OpenAI's error JSON, details in the log
+            log.error("request failed: %s: %s", type(exc).__name__, exc)
+            response = _error_response(APIError(500, f"internal error ({type(exc).__name__}); see the server log",
+                                                "internal_error"))
+        if frontend.on_response is not None:
+            frontend.on_response(request.url.path, response.status_code)
+        return response
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "models": sorted(frontend.backends)}
@@ -124,6 +142,10 @@ def create_api(frontend: Frontend) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         frontend.check_auth(request)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > frontend.args.max_request_bytes:
+            raise APIError(413, f"request body is {declared} bytes, over the limit of "
+                                f"{frontend.args.max_request_bytes}", "request_too_large")
         raw = await request.body()
         if len(raw) > frontend.args.max_request_bytes:
             raise APIError(413, f"request body is {len(raw)} bytes, over the limit of "
@@ -207,6 +229,10 @@ async def _sse(rid: str, created: int, model: str, first: dict, rest, include_us
             elif event["type"] == "error":
                 yield f"data: {json.dumps(_event_error(event).body())}\n\n"
                 break
-    except APIError as exc:  # raised by a backend mid-stream (e.g. a replica died)
+    except APIError as exc:  # raised by a backend mid-stream
         yield f"data: {json.dumps(exc.body())}\n\n"
+    except Exception as exc:  # noqa: BLE001 - e.g. the replica died mid-answer: end the stream with an error
+        log.error("stream %s failed: %s: %s", rid, type(exc).__name__, exc)
+        err = APIError(500, f"internal error ({type(exc).__name__}); see the server log", "internal_error")
+        yield f"data: {json.dumps(err.body())}\n\n"
     yield "data: [DONE]\n\n"

@@ -76,7 +76,15 @@ class PhantomIngress:
                 log.warning("api_keys_env=%s is unset or empty: the API accepts requests without a key",
                             self.args.api_keys_env)
         backends = {name: _HandleBackend(name, h) for name, h in handles.items()}
-        self.frontend = Frontend(self.args, backends, api_keys=keys)
+        from ray.serve import metrics
+
+        self._http_requests = metrics.Counter("phantom_http_requests_total", description="HTTP responses",
+                                              tag_keys=("route", "status"))
+        self.frontend = Frontend(self.args, backends, api_keys=keys, on_response=self._count)
+
+    def _count(self, path: str, status: int) -> None:
+        route = path if path in ("/health", "/v1/models", "/v1/chat/completions") else "other"
+        self._http_requests.inc(tags={"route": route, "status": str(status)})
 
     def __serve_build_asgi_app__(self):
         return create_api(self.frontend)
