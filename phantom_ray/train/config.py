@@ -168,8 +168,21 @@ class RunSection:
 
 
 @dataclass
+class SynthSection:
+    """Smoke runs only: write and pack the synthetic shapes corpus to ``data.shards`` when it has no
+    manifest yet (``phantom-ray data synth`` + ``data pack``)."""
+
+    enabled: bool = False
+    num_samples: int = 512
+    layout: str = "triples"      # triples for PO; llava for SFT
+    image_size: int = 32
+    seed: int = 0
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig
+    synth: SynthSection = field(default_factory=SynthSection)
     model: ModelSection = field(default_factory=ModelSection)
     loss: LossSection = field(default_factory=LossSection)
     recipe: RecipeSection = field(default_factory=RecipeSection)
