@@ -57,6 +57,7 @@ FORMATS = ("parquet", "jsonl")
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
+DECODE_MEMORY_BYTES = 512 * 1024 * 1024  # reserved per decode task (an 8K x 8K RGB image is 200 MB decoded)
 
 
 @dataclass
@@ -439,10 +440,6 @@ def resolve_num_gpus(num_gpus: float | None) -> float:
     return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def _decode_remote_args() -> dict[str, Any]:
-    return {"max_retries": 3}  # a read that fails (S3 hiccup) is retried; bad images are rows, not failures
-
-
 def build_generation_dataset(rows: list[dict], opts: StageOptions):
     """rows (key, shard, uri | image, prompt, max_new_tokens) -> Ray Dataset of generation rows."""
     import ray
@@ -454,11 +451,12 @@ def build_generation_dataset(rows: list[dict], opts: StageOptions):
     blocks = max(1, min(len(rows), math.ceil(len(rows) / opts.batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the caller shows its own
-    # Decoding must not run inside (and hold) a GPU replica: a ray_remote_args_fn keeps Ray Data
-    # from fusing the decode tasks into the model actors (it fuses maps with equal remote args).
+    # Decoding must not run inside (and hold) a GPU replica. Ray Data fuses consecutive maps whose
+    # remote args are equal; the decode tasks' memory reservation (full-size images are decoded
+    # there) differs from the actors' args, so the stages stay apart.
     ds = ds.map_batches(
         decode_batch, batch_format="pyarrow", batch_size=opts.batch_size, num_cpus=opts.decode_num_cpus,
-        ray_remote_args_fn=_decode_remote_args, concurrency=opts.decode_concurrency,
+        memory=DECODE_MEMORY_BYTES, concurrency=opts.decode_concurrency,
         fn_kwargs={"model_id": opts.model, "max_length": opts.max_length, "max_pixels": opts.max_pixels,
                    "max_image_bytes": opts.max_image_bytes, "env": env})
     # one torch thread per CPU the replica reserves, so replicas sharing a node do not oversubscribe it
