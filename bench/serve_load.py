@@ -1,7 +1,7 @@
 """Load test of the OpenAI-compatible Serve app: dynamic batching on vs off, tiny preset on CPU.
 
     .venv/bin/python bench/serve_load.py                      # starts local Ray + Serve itself
-    .venv/bin/python bench/serve_load.py --requests 48 --max-tokens 32 --concurrency 1,4,16
+    .venv/bin/python bench/serve_load.py --requests 48 --max-tokens 64 --concurrency 1,4,16
     .venv/bin/python bench/serve_load.py --url http://127.0.0.1:8000 --models tiny-qwen2   # a running server
 
 Without ``--url`` it deploys one application with the same preset twice: ``<preset>-batched``
@@ -40,7 +40,8 @@ def percentile(xs: list[float], q: float) -> float:
 def request_body(model: str, i: int, max_tokens: int) -> dict:
     image = data_uri(png_bytes((32 + (i % 4) * 16, 32), ((37 * i) % 255, 120, 200)))
     return {
-        "model": model, "stream": True, "temperature": 0, "max_tokens": max_tokens, "ignore_eos": True,
+        "model": model, "stream": True, "stream_options": {"include_usage": True},
+        "temperature": 0, "max_tokens": max_tokens, "ignore_eos": True,
         "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": image}},
             {"type": "text", "text": f"Request {i}: describe the picture in detail."},
@@ -49,10 +50,10 @@ def request_body(model: str, i: int, max_tokens: int) -> dict:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float, int]:
-    """-> (latency s, time to first token s, content chunks); raises on an HTTP error."""
+    """-> (latency s, time to first token s, generated tokens); raises on an HTTP error."""
     t0 = time.perf_counter()
     ttft = None
-    chunks = 0
+    tokens = 0
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread()).decode()[:200]}")
@@ -62,12 +63,12 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> tuple[
             event = json.loads(line[6:])
             if "error" in event:
                 raise RuntimeError(f"stream error: {event['error']}")
-            if event["choices"] and event["choices"][0]["delta"].get("content"):
-                chunks += 1
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            if event["choices"] and event["choices"][0]["delta"].get("content") and ttft is None:
+                ttft = time.perf_counter() - t0
     latency = time.perf_counter() - t0
-    return latency, ttft if ttft is not None else latency, chunks
+    return latency, ttft if ttft is not None else latency, tokens
 
 
 async def run_level(url: str, model: str, concurrency: int, n_requests: int, max_tokens: int) -> dict:
