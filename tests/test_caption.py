@@ -253,3 +253,23 @@ def test_shard_plan_is_stable_when_finished_groups_are_removed():
 def test_caption_config_rejects_bad_settings(bad):
     with pytest.raises(ValueError):
         _config("in", "out", **bad)
+
+
+def test_cli_and_job_parsers_accept_the_interface_flags():
+    import importlib.util
+
+    from phantom_ray.cli import build_parser
+    from phantom_ray.infer.cli import config_from_args
+
+    argv = ["caption", "--input", "s3://b/images/", "--output", "s3://b/captions/", "--model", "tiny-qwen2",
+            "--prompt", "What is shown?", "--max-new-tokens", "7", "--batch-size", "16", "--min-replicas", "1",
+            "--max-replicas", "4", "--num-gpus", "0.5", "--format", "jsonl"]
+    args = build_parser(argv).parse_args(argv)
+    cfg = config_from_args(args)
+    assert (cfg.prompt, cfg.generation.max_new_tokens, cfg.batch_size, cfg.min_replicas, cfg.max_replicas,
+            cfg.num_gpus, cfg.format) == ("What is shown?", 7, 16, 1, 4, 0.5, "jsonl")
+    spec = importlib.util.spec_from_file_location("_job_caption", REPO / "jobs" / "caption.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert "ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/caption.py" in job.__doc__
+    assert config_from_args(job.build_parser().parse_args(argv[1:])) == cfg
