@@ -235,3 +235,21 @@ def test_backend_failures_are_openai_errors_and_requests_are_counted(args):
         assert "".join(json.loads(x[6:])["choices"][0]["delta"].get("content", "") for x in lines[:-2]) == "t0t1"
         assert_openai_error(c.post("/v1/chat/completions", json=chat("x" * 3000)), 413, "request_too_large")
     assert ("/v1/chat/completions", 500) in seen and ("/v1/chat/completions", 413) in seen
+
+
+def test_s3_image_urls_work_only_under_an_allowed_prefix(workers, s3_bucket):
+    from phantom_ray.storage import write_bytes_atomic
+
+    write_bytes_atomic(f"{s3_bucket}/images/red.png", png_bytes())
+    write_bytes_atomic(f"{s3_bucket}/private/red.png", png_bytes())
+    args = tiny_args(allowed_image_url_prefixes=[f"{s3_bucket}/images/"])
+    with make_client(args, workers) as c:
+        ok = c.post("/v1/chat/completions", json=chat([image_part(f"{s3_bucket}/images/red.png")], max_tokens=3))
+        assert ok.status_code == 200, ok.text
+        inline = c.post("/v1/chat/completions", json=chat([image_part(data_uri(png_bytes()))], max_tokens=3))
+        assert ok.json()["choices"][0]["message"] == inline.json()["choices"][0]["message"]
+        assert ok.json()["usage"]["prompt_tokens"] == inline.json()["usage"]["prompt_tokens"]
+        assert_openai_error(c.post("/v1/chat/completions", json=chat([image_part(f"{s3_bucket}/private/red.png")])),
+                            400, "image_url_not_allowed")
+        assert_openai_error(c.post("/v1/chat/completions", json=chat([image_part(f"{s3_bucket}/images/none.png")])),
+                            400, "image_fetch_failed")
