@@ -30,7 +30,6 @@ def data_root(tmp_path_factory):
     return str(root)
 
 
-@pytest.mark.slow  # 2 Ray Data runs (one per benchmark) with 1-CPU stages: ~130 s on the shared 2-CPU box
 def test_eval_job_end_to_end_through_the_actor_pool(ray_local, data_root, tmp_path, capsys):
     from phantom_ray.infer import make_predict_fn
 
