@@ -77,20 +77,20 @@ def preference_loss(logits: torch.Tensor, labels: torch.Tensor, *, kind: str = "
                     ref_rejected_logps: torch.Tensor | None = None, ignore_index: int = -100) -> LossOutput:
     """PO / DPO loss on a pair batch of 2B rows (chosen first), or SFT on a plain batch.
 
-    ``kind="sft"`` or an odd/unpaired batch (``has_rejected`` all False) gives the SFT term only.
+    ``kind="sft"`` or unpaired rows (``has_rejected`` False) give the SFT term only, on the chosen rows.
     For pairs, ``labels`` of rows B..2B-1 are the rejected answers' labels.
     """
     zero = logits.new_zeros(())
-    if kind == "sft" or has_rejected is None:
+    if has_rejected is None:
         sft = sft_loss(logits, labels, ignore_index)
         return LossOutput(sft_weight * sft, sft, zero, zero, zero, 0)
     B = has_rejected.shape[0]
     if logits.shape[0] != 2 * B:
         raise ValueError(f"pair batch has {logits.shape[0]} rows but has_rejected has {B} entries (expected 2B rows)")
-    sft = sft_loss(logits[:B], labels[:B], ignore_index)
+    sft = sft_loss(logits[:B], labels[:B], ignore_index)  # the rejected answers are never imitated
     pairs = has_rejected.bool()
     n_pairs = int(pairs.sum())
-    if n_pairs == 0:
+    if kind == "sft" or n_pairs == 0:
         return LossOutput(sft_weight * sft, sft, zero, zero, zero, 0)
     logps, lens = sequence_logps(logits, labels, ignore_index)
     c_lp, r_lp, c_len, r_len = logps[:B][pairs], logps[B:][pairs], lens[:B][pairs], lens[B:][pairs]

@@ -180,7 +180,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     def on_step(rec, metrics):
         step = rec.state.step
-        if debug.get("pid_dir") and step == debug.get("pause_at_step"):
+        # test hook: write this worker's PID and pause, so a test can kill it between checkpoints
+        if debug.get("pid_dir") and step == debug.get("pause_at_step") and rank == debug.get("pause_rank", rank):
             marker = os.path.join(debug["pid_dir"], f"rank{rank}.pid")
             if not os.path.exists(marker):  # first attempt only: let the test kill this process
                 with open(marker + ".tmp", "w") as f:

@@ -263,7 +263,7 @@ class PhantomRecipe:
         if paired:
             B = b["input_ids"].shape[0] // 2
             has_rejected = b.get("has_rejected", torch.ones(B, dtype=torch.bool, device=self.device))
-        return preference_loss(out.logits, b["labels"], kind=cfg.loss.kind if paired else "sft", beta=cfg.loss.beta,
+        return preference_loss(out.logits, b["labels"], kind=cfg.loss.kind, beta=cfg.loss.beta,
                                gamma=cfg.loss.gamma, pref_weight=cfg.loss.pref_weight, sft_weight=cfg.loss.sft_weight,
                                has_rejected=has_rejected, ref_chosen_logps=b.get("ref_chosen_logps"),
                                ref_rejected_logps=b.get("ref_rejected_logps"),
