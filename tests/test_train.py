@@ -87,10 +87,10 @@ def test_unpaired_rows_contribute_only_sft():
     assert out.loss.item() == pytest.approx(sft_loss(logits[:1], labels[:1]).item())
     sft = preference_loss(logits, labels, kind="sft")  # a plain SFT batch: every row
     assert sft.loss.item() == pytest.approx(sft_loss(logits, labels).item())
+    assert sft.loss.item() == pytest.approx(F.cross_entropy(logits[:, :-1].reshape(-1, 3), labels[:, 1:].reshape(-1)).item())
     # SFT on a pair batch imitates the chosen rows only
     sft = preference_loss(logits, labels, kind="sft", has_rejected=torch.tensor([True]))
     assert sft.loss.item() == pytest.approx(sft_loss(logits[:1], labels[:1]).item()) and sft.pref_loss.item() == 0
-    assert sft.loss.item() == pytest.approx(F.cross_entropy(logits[:, :-1].reshape(-1, 3), labels[:, 1:].reshape(-1)).item())
 
 
 def test_dpo_needs_and_uses_reference_logps():
