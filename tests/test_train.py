@@ -234,3 +234,61 @@ def test_save_resume_continues_identically_and_export_loads(tmp_path, batches):
     gen = loaded.generate(batch["input_ids"][:2], batch["attention_mask"][:2], batch["pixel_values"][:2], max_new_tokens=4)
     assert gen.sequences.shape[0] == 2
     assert os.path.exists(os.path.join(out, "train_config.yaml"))
+
+
+def test_dpo_reference_pass_scores_processed_rows(tmp_path):
+    """The Ray Data reference pass (called here directly on a processed pyarrow batch) gives the
+    reference model's answer log-probs, and the collate hands them to the loss."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from phantom_ray.data.pack import pack
+    from phantom_ray.data.pipeline import DataConfig, default_processor_factory, process_row, processed_schema
+    from phantom_ray.data.synth import LAYOUT_FILES, synthesize
+    from phantom_ray.model import PhantomForCausalLM
+    from phantom_ray.train.ray_trainer import CollateWithKeys, ReferenceScorer
+
+    synthesize(str(tmp_path / "src"), num_samples=6, layout="triples", image_size=32, heldout_fraction=0.0)
+    pack(str(tmp_path / "src" / LAYOUT_FILES["triples"]), "triples", str(tmp_path / "packed"), executor="local")
+    rows = pq.read_table(next((tmp_path / "packed" / "shards").glob("*.parquet"))).to_pylist()
+    proc = default_processor_factory("tiny-qwen2")
+    table = pa.Table.from_pylist([process_row({**r, "repeat": 0}, proc, "po") for r in rows], schema=processed_schema("po"))
+    ref_dir = str(tmp_path / "ref")
+    ref = PhantomForCausalLM.from_preset("tiny-qwen2", seed=5)
+    ref.save_pretrained(ref_dir)
+    data = DataConfig(shards=str(tmp_path / "packed"), task="po")
+    scored = ReferenceScorer(ref_dir, "tiny-qwen2", data.to_dict())(table)
+    cols = {n: scored.column(n).to_numpy(zero_copy_only=False) for n in scored.column_names}
+    batch = CollateWithKeys(proc, data)(cols)
+    assert batch["ref_chosen_logps"].shape == (len(rows),) and batch["sample_key"][0].endswith("#0")
+    with torch.no_grad():
+        out = ref(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], image_repeat=2,
+                  phantom_index=batch["phantom_index"])
+    lp, _ = sequence_logps(out.logits, batch["labels"])
+    n = len(rows)
+    assert torch.allclose(batch["ref_chosen_logps"], lp[:n], atol=1e-4)
+    assert torch.allclose(batch["ref_rejected_logps"], lp[n:], atol=1e-4)
+    # policy == reference: every DPO margin is 0
+    res = preference_loss(out.logits, batch["labels"], kind="dpo", beta=0.5, has_rejected=torch.ones(n, dtype=torch.bool),
+                          ref_chosen_logps=batch["ref_chosen_logps"], ref_rejected_logps=batch["ref_rejected_logps"])
+    assert res.reward_margin.abs().item() < 1e-3
+
+
+def test_cli_verb_and_job_script_share_arguments(capsys):
+    import importlib.util
+
+    from phantom_ray.cli import main
+
+    tiny = str(__import__("pathlib").Path(__file__).parents[1] / "configs" / "train" / "tiny-cpu.yaml")
+    assert main(["train", "--config", tiny, "--dry-run", "optim.lr=1e-3", "run.max_steps=3"]) == 0
+    printed = capsys.readouterr().out
+    assert "lr: 0.001" in printed and "max_steps: 3" in printed
+    path = __import__("pathlib").Path(__file__).parents[1] / "jobs" / "train.py"
+    spec = importlib.util.spec_from_file_location("_job_train", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    assert "ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml" in " ".join(job.__doc__.split())
+    args = job.build_parser().parse_args(["--config", tiny, "optim.lr=1e-3"])
+    assert args.config == tiny and args.overrides == ["optim.lr=1e-3"]
+    with pytest.raises(ValueError, match="optim.lrr"):
+        job.main(["--config", tiny, "--dry-run", "optim.lrr=1"])

@@ -91,6 +91,61 @@ def _drop_consumed(batch, consumed: frozenset):
     return batch.filter(pa.array([k not in consumed for k in keys]))
 
 
+class ReferenceScorer:
+    """map_batches actor for ``loss.kind='dpo'``: appends the frozen reference model's answer
+    log-probs (``ref_chosen_logp``, ``ref_rejected_logp``) to processed PO rows, in a Ray Data pass
+    before training, so that only the policy is in memory on the training workers."""
+
+    def __init__(self, reference: str, processor_model: str, cfg_data: dict, env: dict | None = None):
+        import torch
+
+        from phantom_ray.data.pipeline import CollateProcessed, DataConfig, default_processor_factory
+        from phantom_ray.model import PhantomForCausalLM
+
+        os.environ.update(env or {})
+        data = DataConfig.from_dict(cfg_data)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.model = PhantomForCausalLM.from_pretrained(reference, dtype=dtype, device=self.device).eval()
+        self.collate = CollateProcessed(default_processor_factory(processor_model, data.max_length), "po",
+                                        data.padding_side, data.pixel_dtype)
+
+    def __call__(self, batch):
+        import numpy as np
+        import pyarrow as pa
+        import torch
+
+        from phantom_ray.train.loss import sequence_logps
+
+        cols = {name: batch.column(name).to_numpy(zero_copy_only=False) for name in batch.column_names}
+        b = self.collate(cols)
+        with torch.no_grad():
+            pv = b["pixel_values"]
+            out = self.model(b["input_ids"].to(self.device), b["attention_mask"].to(self.device),
+                             None if pv is None else pv.to(self.device, self.model.dtype),
+                             phantom_index=b["phantom_index"].to(self.device), image_repeat=2)
+            logps, _ = sequence_logps(out.logits, b["labels"].to(self.device))
+        n = batch.num_rows
+        logps = logps.float().cpu().numpy()
+        batch = batch.append_column("ref_chosen_logp", pa.array(np.asarray(logps[:n], dtype=np.float32)))
+        return batch.append_column("ref_rejected_logp", pa.array(np.asarray(logps[n:], dtype=np.float32)))
+
+
+def with_reference_logps(ds, cfg: TrainConfig):
+    """The dataset with reference log-prob columns (one scoring actor; a GPU when training on GPUs)."""
+    from ray.data import ActorPoolStrategy
+
+    reference = cfg.loss.reference or cfg.model.init_from
+    if not reference:
+        raise ValueError("loss.kind='dpo' needs loss.reference (or model.init_from): the frozen reference model")
+    return ds.map_batches(
+        ReferenceScorer, batch_format="pyarrow", batch_size=cfg.data.preprocess_batch_size,
+        fn_constructor_kwargs={"reference": reference, "processor_model": cfg.model.init_from or cfg.data.model,
+                               "cfg_data": cfg.data.to_dict(), "env": storage.storage_env()},
+        compute=ActorPoolStrategy(size=1),
+        num_cpus=cfg.data.preprocess_num_cpus, num_gpus=1 if cfg.scaling.use_gpu else 0)
+
+
 def epoch_datasets(cfg: TrainConfig, start_epoch: int = 0, consumed: set[str] | None = None) -> dict:
     """``{"train_e<k>": Dataset}`` for the epochs still to run; the first leaves out ``consumed``."""
     from phantom_ray.data.pipeline import build_train_dataset
@@ -100,6 +155,8 @@ def epoch_datasets(cfg: TrainConfig, start_epoch: int = 0, consumed: set[str] | 
         ds = build_train_dataset(cfg.data, epoch=epoch)
         if consumed and epoch == start_epoch:
             ds = ds.map_batches(_drop_consumed, batch_format="pyarrow", fn_kwargs={"consumed": frozenset(consumed)})
+        if cfg.loss.kind == "dpo":
+            ds = with_reference_logps(ds, cfg)
         out[f"train_e{epoch}"] = ds
     return out
 
@@ -127,6 +184,11 @@ class CollateWithKeys:
     def __call__(self, batch):
         out = self.inner(batch)
         out["sample_key"] = [f"{s}#{int(r)}" for s, r in zip(batch["sample_id"], batch["repeat"])]
+        if "ref_chosen_logp" in batch:  # loss.kind='dpo': precomputed by ReferenceScorer
+            import torch
+
+            out["ref_chosen_logps"] = torch.as_tensor(batch["ref_chosen_logp"], dtype=torch.float32)
+            out["ref_rejected_logps"] = torch.as_tensor(batch["ref_rejected_logp"], dtype=torch.float32)
         return out
 
 

@@ -203,14 +203,15 @@ class PhantomRecipe:
         self.total_steps = 0
 
     # ---- setup -----------------------------------------------------------------------------------
-    def setup(self, total_steps: int) -> "PhantomRecipe":
+    def setup(self, total_steps: int, model=None) -> "PhantomRecipe":
+        """Build (or take ``model``, e.g. a benchmark's custom size), freeze per step, wrap in DeepSpeed."""
         import deepspeed
 
         ensure_distributed("nccl" if self.device.type == "cuda" else "gloo")
         self.rank, self.world_size = _rank_world()
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg)
+        model = build_model(cfg) if model is None else model
         self.trainable_names = apply_trainable(model, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
         self.num_trainable = sum(p.numel() for p in params)
