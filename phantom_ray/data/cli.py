@@ -40,6 +40,23 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_pack_arguments(k: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``data pack`` flags (shared with ``jobs/pack.py``)."""
+    from phantom_ray.data.readers import LAYOUTS
+
+    k.add_argument("--input", required=True, help="annotation file or directory (local or s3://)")
+    k.add_argument("--layout", required=True, choices=LAYOUTS)
+    k.add_argument("--image-root", default=None, help="root of relative image paths (default: the input's dir)")
+    k.add_argument("--output", required=True, help="local path or s3://bucket/prefix")
+    k.add_argument("--shard-size-mb", type=float, default=256.0)
+    k.add_argument("--source", default=None, help="source name (default: the input file's stem)")
+    k.add_argument("--executor", choices=("ray", "local"), default="ray",
+                   help="ray: one Ray task per chunk (default); local: in this process")
+    k.add_argument("--max-in-flight", type=int, default=None, help="Ray tasks in flight (default 2x CPUs)")
+    k.set_defaults(func=_pack)
+    return k
+
+
 def register(subparsers) -> None:
     from phantom_ray.data.readers import LAYOUTS
 
@@ -56,17 +73,7 @@ def register(subparsers) -> None:
     s.add_argument("--heldout-fraction", type=float, default=0.1)
     s.set_defaults(func=_synth)
 
-    k = sub.add_parser("pack", help="pack a corpus into parquet shards with a manifest and an errors table")
-    k.add_argument("--input", required=True, help="annotation file or directory (local or s3://)")
-    k.add_argument("--layout", required=True, choices=LAYOUTS)
-    k.add_argument("--image-root", default=None, help="root of relative image paths (default: the input's dir)")
-    k.add_argument("--output", required=True, help="local path or s3://bucket/prefix")
-    k.add_argument("--shard-size-mb", type=float, default=256.0)
-    k.add_argument("--source", default=None, help="source name (default: the input file's stem)")
-    k.add_argument("--executor", choices=("ray", "local"), default="ray",
-                   help="ray: one Ray task per chunk (default); local: in this process")
-    k.add_argument("--max-in-flight", type=int, default=None, help="Ray tasks in flight (default 2x CPUs)")
-    k.set_defaults(func=_pack)
+    add_pack_arguments(sub.add_parser("pack", help="pack a corpus into parquet shards with a manifest and an errors table"))
 
     i = sub.add_parser("info", help="print a pack's manifest summary")
     i.add_argument("--output", required=True)
