@@ -1,7 +1,9 @@
 """Ray job entry point: Phantom training from a config (thin: parse -> build -> run).
 
-    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
-        python jobs/train.py --config configs/train/phantom-7b-step1.yaml run.storage_path=s3://my-bucket/runs
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/train.py --config configs/train/phantom-7b-step1.yaml
+
+    (smoke run: --config configs/train/tiny-cpu.yaml; dotted overrides follow the config,
+    e.g. run.storage_path=s3://my-bucket/runs optim.lr=1e-4)
 
 Same arguments as ``phantom-ray train``: ``--config PATH [dotted.key=value ...]``.
 """

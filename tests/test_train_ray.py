@@ -120,7 +120,10 @@ def test_s3_checkpoints_resume_and_export(s3_bucket, ray_local, tmp_path):
 def test_tiny_cpu_config_learns_the_synthetic_task(ray_local, tmp_path):
     """tiny-cpu.yaml as shipped (2 workers, ZeRO-2, PO, step 2): held-out choice accuracy.
 
-    Measured: accuracy ~0.5 against a chance level of ~0.28 (6 colours, 3 shapes, 3 counts)."""
+    9,600 synthetic triples, one epoch = 600 steps of 16 pairs, ~3 min on 2 loaded cores. Measured:
+    held-out accuracy 0.443 on the 960 held-out questions against a chance level of 0.278 (6 colours,
+    3 shapes, 3 counts). The bound below (chance + 0.08) is 5 standard errors above chance and
+    ~5 below the measured figure."""
     from phantom_ray.train.evaluate import choice_accuracy
     from phantom_ray.train.ray_trainer import run_training
 
@@ -129,8 +132,8 @@ def test_tiny_cpu_config_learns_the_synthetic_task(ray_local, tmp_path):
         f"data.shards={shards}", f"run.storage_path={tmp_path / 'runs'}", "scaling.cpus_per_worker=0.25"])
     metrics = run_training(cfg)
     acc = choice_accuracy(metrics["export"], os.path.join(shards, "_synth", "heldout", "synth_triples.json"))
-    assert acc["n"] >= 60
-    assert acc["accuracy"] > acc["chance"] + 0.12, acc
+    assert acc["n"] == 960
+    assert acc["accuracy"] > acc["chance"] + 0.08, acc
 
 
 @pytest.mark.slow

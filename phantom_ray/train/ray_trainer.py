@@ -232,6 +232,10 @@ def train_loop_per_worker(config: dict) -> None:
         for k in ("tokens_per_s", "samples_per_s", "data_wait_s", "mfu"):
             if metrics.get(k) is not None:
                 metrics[f"{k}_per_worker"] = [w[k] for w in per_worker]
+        if rank == 0:  # Ray 2.60 keeps only checkpointed metrics in the Result: log every report too
+            shown = {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()
+                     if not k.endswith("_per_worker")}
+            print(f"[phantom-train] {json.dumps(shown, default=str)}", flush=True)
         if not with_checkpoint:
             ray.train.report(metrics)
             return
