@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if not ray.is_initialized():
         ray.init(address=args.address)
     metrics = run_training(cfg)
+    ray.shutdown()  # flush the workers' log lines first, so that the export path is the last line
     summary = {k: v for k, v in metrics.items() if not k.endswith("_per_worker")}
     print(json.dumps(summary, default=str))
     print(f"exported model: {metrics['export']}")
