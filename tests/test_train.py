@@ -292,3 +292,12 @@ def test_cli_verb_and_job_script_share_arguments(capsys):
     assert args.config == tiny and args.overrides == ["optim.lr=1e-3"]
     with pytest.raises(ValueError, match="optim.lrr"):
         job.main(["--config", tiny, "--dry-run", "optim.lrr=1"])
+
+
+def test_activation_checkpointing_gives_the_same_step(tmp_path, batches):
+    plain, ckpt = [], []
+    _recipe(tiny_cfg(tmp_path, recipe={"step": 2})).train_epoch(batches[:2], on_step=lambda r, m: plain.append(m["loss"]))
+    rec = _recipe(tiny_cfg(tmp_path, recipe={"step": 2}, model={"gradient_checkpointing": True}))
+    assert rec.model.gradient_checkpointing
+    rec.train_epoch(batches[:2], on_step=lambda r, m: ckpt.append(m["loss"]))
+    assert ckpt == pytest.approx(plain, rel=1e-5)
