@@ -301,3 +301,17 @@ def test_activation_checkpointing_gives_the_same_step(tmp_path, batches):
     assert rec.model.gradient_checkpointing
     rec.train_epoch(batches[:2], on_step=lambda r, m: ckpt.append(m["loss"]))
     assert ckpt == pytest.approx(plain, rel=1e-5)
+
+
+def test_step2_starts_from_step1_export(tmp_path, batches):
+    step1 = _recipe(tiny_cfg(tmp_path, recipe={"step": 1}, optim={"eps": 1e-30}))
+    step1.train_epoch(batches[:1])
+    export = step1.export(str(tmp_path / "step1-export"))
+    cfg2 = tiny_cfg(tmp_path, recipe={"step": 2}, model={"init_from": export}, data={"model": export})
+    step2 = _recipe(cfg2)
+    trained = dict(step1.model.named_parameters())
+    for n, p in step2.model.named_parameters():
+        assert torch.equal(p, trained[n]), n
+        assert p.requires_grad, n
+    step2.train_epoch(batches[1:2])
+    assert step2.state.step == 1
