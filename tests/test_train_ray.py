@@ -135,10 +135,11 @@ def test_s3_checkpoints_resume_and_export(s3_bucket, ray_local, tmp_path):
 def test_tiny_cpu_config_learns_the_synthetic_task(ray_local, tmp_path):
     """tiny-cpu.yaml as shipped (2 workers, ZeRO-2, PO, step 2): held-out choice accuracy.
 
-    9,600 synthetic triples, one epoch = 600 steps of 16 pairs, ~3 min on 2 loaded cores. Measured:
-    held-out accuracy 0.443 on the 960 held-out questions against a chance level of 0.278 (6 colours,
-    3 shapes, 3 counts). The bound below (chance + 0.08) is 5 standard errors above chance and
-    ~5 below the measured figure."""
+    16,000 synthetic triples, one epoch = 1,000 steps of 16 pairs, ~5 min on 2 shared cores. Measured:
+    held-out accuracy 0.508 on 1,000 held-out questions against a chance level of 0.279 (6 colours,
+    3 shapes, 3 counts); runs of 600 steps gave 0.34-0.44, hence the longer run. The bound below
+    (chance + 0.08) is 5.5 standard errors above chance and ~10 below the measured figure.
+    """
     from phantom_ray.train.evaluate import choice_accuracy
     from phantom_ray.train.ray_trainer import run_training
 
@@ -146,8 +147,9 @@ def test_tiny_cpu_config_learns_the_synthetic_task(ray_local, tmp_path):
     cfg = TrainConfig.from_yaml(os.path.join(REPO, "configs/train/tiny-cpu.yaml"), overrides=[
         f"data.shards={shards}", f"run.storage_path={tmp_path / 'runs'}", "scaling.cpus_per_worker=0.25"])
     metrics = run_training(cfg)
-    acc = choice_accuracy(metrics["export"], os.path.join(shards, "_synth", "heldout", "synth_triples.json"))
-    assert acc["n"] == 960
+    acc = choice_accuracy(metrics["export"], os.path.join(shards, "_synth", "heldout", "synth_triples.json"),
+                          limit=1000)
+    assert acc["n"] == 1000
     assert acc["accuracy"] > acc["chance"] + 0.08, acc
 
 
