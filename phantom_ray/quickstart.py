@@ -33,17 +33,19 @@ log = logging.getLogger("phantom_ray.quickstart")
 @dataclass(frozen=True)
 class Budget:
     num_samples: int  # synthetic training triples (the held-out split is 10% on top)
-    step1_epochs: int
-    step2_epochs: int
+    step1_steps: int  # step 1 optimizer steps (vision_proj + phantom modules)
+    step2_epochs: int  # step 2 epochs over the corpus (all parameters)
     eval_limit: int  # held-out questions scored before/after
     caption_images: int
     max_new_tokens: int
 
 
+# The tiny model needs many distinct samples to generalise (repeating a small corpus for several
+# epochs memorises it): one pass over 9,600 triples reaches ~0.44 held-out accuracy vs 0.28 chance.
 BUDGETS = {
-    "small": Budget(num_samples=320, step1_epochs=1, step2_epochs=3, eval_limit=48, caption_images=12,
+    "small": Budget(num_samples=6400, step1_steps=10, step2_epochs=1, eval_limit=120, caption_images=12,
                     max_new_tokens=8),
-    "full": Budget(num_samples=960, step1_epochs=1, step2_epochs=4, eval_limit=120, caption_images=48,
+    "full": Budget(num_samples=9600, step1_steps=40, step2_epochs=1, eval_limit=240, caption_images=48,
                    max_new_tokens=16),
 }
 
@@ -59,14 +61,15 @@ def _train_config(workdir: str, budget: Budget, step: int, init_from: str) -> "T
                  "shuffle_buffer_size": 64, "num_preprocess_tasks": 1, "preprocess_num_cpus": 0.25,
                  "max_length": 256},
         "synth": {"enabled": True, "num_samples": budget.num_samples, "layout": "triples", "image_size": 32},
-        "loss": {"kind": "po", "beta": 2.0, "gamma": 0.5, "pref_weight": 1.0},
+        "loss": {"kind": "po", "beta": 2.0, "gamma": 0.5, "pref_weight": 0.3},
         "recipe": {"step": step},
-        "optim": {"lr": 3e-3 if step == 2 else 1e-2, "warmup_steps": 5, "weight_decay": 0.0, "grad_clip": 1.0},
+        # 1e-3 learnt the tiny task in a few hundred steps; 1e-2 did not learn it at all (measured)
+        "optim": {"lr": 1e-3, "warmup_steps": 10, "weight_decay": 0.0, "grad_clip": 1.0},
         "deepspeed": {"zero_stage": 2, "precision": "fp32"},
         "scaling": {"num_workers": 2, "use_gpu": False, "cpus_per_worker": 0.25},
         "run": {"name": f"step{step}", "storage_path": os.path.join(workdir, "runs"),
-                "epochs": budget.step1_epochs if step == 1 else budget.step2_epochs,
-                "checkpoint_every": 1000, "report_every": 5, "max_failures": 1,
+                "epochs": 1 if step == 1 else budget.step2_epochs, "max_steps": budget.step1_steps if step == 1 else None,
+                "checkpoint_every": 200, "report_every": 10, "max_failures": 1,
                 "export": os.path.join(workdir, f"step{step}-export")},
     })
 
@@ -104,7 +107,7 @@ def run_quickstart(workdir: str, budget_name: str = "full") -> dict:
     t_start = time.perf_counter()
     summary: dict = {"workdir": workdir, "budget": budget_name, "preset": PRESET}
     if not ray.is_initialized():
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False)
 
     stage("synthesise and pack the shapes corpus")
     cfg1 = _train_config(workdir, budget, 1, os.path.join(workdir, "init"))
