@@ -153,25 +153,29 @@ def test_rerun_with_other_settings_is_refused(bucket):
         caption(_config(f"{bucket['root']}/images/", bucket["output"], prompt="Another prompt"))
 
 
-def _cli(input: str, output: str, shard_size: int) -> list[str]:
+def _cli(input: str, output: str, shard_size: int, max_new: int = MAX_NEW, batch_size: int = 8) -> list[str]:
     return [sys.executable, "-m", "phantom_ray.cli", "caption", "--input", input, "--output", output,
-            "--model", "tiny-qwen2", "--max-new-tokens", str(MAX_NEW), "--batch-size", "8",
+            "--model", "tiny-qwen2", "--max-new-tokens", str(max_new), "--batch-size", str(batch_size),
             "--shard-size", str(shard_size), "--num-gpus", "0", "--num-cpus", "0.5", "--decode-num-cpus", "0.5",
             "--decode-concurrency", "1", "--max-pixels", str(MAX_PIXELS), "--no-progress"]
 
 
 def test_driver_sigkill_mid_run_then_rerun_equals_uninterrupted_run(bucket, ray_local, tmp_path):
-    # one sub-prefix of the bucket (a third of the images), so that the two driver runs stay short;
-    # the uninterrupted reference is the first run's rows for those images (captions do not depend
-    # on the batch an image landed in)
+    # one sub-prefix of the bucket (a third of the images), so that the driver runs stay short. The
+    # killed run generates longer answers in small batches and small shards, so that it is still busy
+    # when its first shard lands however fast the machine is; the uninterrupted reference is an
+    # in-process run with the same generation settings (captions do not depend on the batch an image
+    # landed in)
     prefix = f"{bucket['root']}/images/batch0/"
     uris = [u for u in bucket["uris"] if u.startswith(prefix)]
     output = f"{bucket['root']}/captions/killed"
-    shard_size = 4
+    reference = f"{bucket['root']}/captions/kill-reference"
+    max_new, shard_size = 48, 2
+    caption(_config(prefix, reference, generation=GenerationConfig(max_new_tokens=max_new)))
     n_shards = math.ceil(len(uris) / shard_size)
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
     log = open(tmp_path / "driver1.log", "wb")
-    proc = subprocess.Popen(_cli(prefix, output, shard_size), cwd=REPO, env=env,
+    proc = subprocess.Popen(_cli(prefix, output, shard_size, max_new, batch_size=2), cwd=REPO, env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
@@ -193,7 +197,7 @@ def test_driver_sigkill_mid_run_then_rerun_equals_uninterrupted_run(bucket, ray_
     assert 0 < after_kill < n_shards, f"{after_kill} of {n_shards} shards at the kill: the run was not interrupted"
     done_at_kill = len(read_outputs(output))
 
-    rerun = subprocess.run(_cli(prefix, output, shard_size), cwd=REPO, env=env,
+    rerun = subprocess.run(_cli(prefix, output, shard_size, max_new, batch_size=2), cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
@@ -201,7 +205,7 @@ def test_driver_sigkill_mid_run_then_rerun_equals_uninterrupted_run(bucket, ray_
     assert summary["images_processed"] == len(uris) - done_at_kill
     assert len(output_shards(output)) == n_shards
     killed = _rows_by_uri(output)
-    uninterrupted = {u: r for u, r in _rows_by_uri(bucket["output"]).items() if u.startswith(prefix)}
+    uninterrupted = _rows_by_uri(reference)
     assert sorted(killed) == uris
     assert killed == uninterrupted
 

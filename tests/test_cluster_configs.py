@@ -47,9 +47,6 @@ KUBERAY_KINDS = {
     "rayservice.yaml": ("ray.io/v1", "RayService"),
 }
 
-# Paths other engineers are still writing. A check that needs one of them is marked xfail while it
-# is missing; the mark disappears by itself once the path exists.
-NOT_WRITTEN_YET = ("jobs", "configs", "README.md")
 
 
 def _load_yaml(path: Path):
@@ -94,13 +91,8 @@ def _dockerfile() -> dict:
     }
 
 
-def _missing_later(rel: str) -> bool:
-    return bool(rel) and Path(rel).parts[0] in NOT_WRITTEN_YET and not (REPO / rel).exists()
-
-
 def _later_case(rel: str, *values, id: str | None = None):
-    marks = [pytest.mark.xfail(strict=False, reason=f"{rel} not written yet")] if _missing_later(rel) else []
-    return pytest.param(*values, marks=marks, id=id or rel)
+    return pytest.param(*values, id=id or rel)
 
 
 def _gpus(resources: dict) -> int:
@@ -425,8 +417,7 @@ def test_rayjob_config_file_exists_and_loads_into_the_train_dataclass(name, conf
     path = REPO / config
     assert path.is_file(), f"{name}: --config {config} does not exist"
     loader = _train_config_loader()
-    if loader is None:
-        pytest.xfail("no TrainConfig.from_yaml/load in phantom_ray.train.config or phantom_ray.config yet")
+    assert loader is not None, "no TrainConfig.from_yaml/load in phantom_ray.train.config or phantom_ray.config"
     loaded = loader(path)
     assert loaded is not None, f"{config}: loader returned nothing"
 
