@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # the CPU build of torch (on a GPU machine install the CUDA build of the same version first)
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-all quickstart clean
+.PHONY: install test test-fast quickstart clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,12 +23,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# every CPU test: the fast default suite (~5 min on 2 cores) plus the slow end-to-end ones (~11 min:
+# job submission to a local Ray head, the quickstart, the learning run, killed-worker resume, serve CLI)
 test: install
-	VENV=$(VENV) bash scripts/run_tests.sh
-
-# the default suite plus the slow end-to-end tests
-test-all: install
 	VENV=$(VENV) bash scripts/run_tests.sh -m "not gpu"
+
+# the fast default suite only (what a bare `pytest` runs)
+test-fast: install
+	VENV=$(VENV) bash scripts/run_tests.sh
 
 quickstart: install
 	$(BIN)/phantom-ray quickstart
