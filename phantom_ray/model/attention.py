@@ -236,19 +236,21 @@ class XAttention(nn.Module):
         self.scale = in_features**-0.5
 
     def phantom_keys(self, phantom: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the cross-head attention, from the phantom states (B, 1, G, D) -> 2x (B, G, D).
-        They are fixed for a sequence, so decoding computes them once (stored in the cache)."""
-        return F.gelu(self.linear_k(phantom))[:, 0], F.gelu(self.linear_v(phantom))[:, 0]
+        """Keys (pre-scaled by 1/sqrt(D)) and values of the cross-head attention, from the phantom
+        states (B, 1, G, D) -> 2x (B, G, D). They are fixed for a sequence, so decoding computes them
+        once (stored in the cache)."""
+        return F.gelu(self.linear_k(phantom))[:, 0] * self.scale, F.gelu(self.linear_v(phantom))[:, 0]
 
     def forward(self, x: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, residual: bool) -> torch.Tensor:
         """x (B, L, G, D); kh, vh (B, G, D) from ``phantom_keys`` -> (B, L, G, D)."""
         B, L, G, D = x.shape
         qh = F.gelu(self.linear_q(x)).reshape(B, L * G, D)  # every (token, head) vector is one query
         # one GEMM per row instead of L tiny (G x G) ones: the keys are shared by all L tokens
-        scores = torch.bmm(qh, kh.transpose(1, 2)) * self.scale  # (B, L*G, G) over the phantom token's heads
-        attn = scores.to(acc_dtype(scores.dtype)).softmax(dim=-1).to(vh.dtype)
+        scores = torch.bmm(qh, kh.transpose(1, 2))  # (B, L*G, G) over the phantom token's heads
+        acc = acc_dtype(scores.dtype)
+        attn = scores.softmax(dim=-1) if acc == scores.dtype else scores.to(acc).softmax(dim=-1).to(vh.dtype)
         z = F.gelu(self.linear_o(torch.bmm(attn, vh))).reshape(B, L, G, D)
-        return x + self.eta * z if residual else self.eta * z
+        return torch.add(x, z, alpha=self.eta) if residual else z * self.eta
 
 
 def add_phantom_modules(module: nn.Module, head_dim: int, eta: float) -> None:
@@ -302,8 +304,12 @@ def phantom_attention(
     out = KERNELS[ctx.attn_implementation](q, k, v, ctx, scale).transpose(1, 2)  # (B, L, H, Dk)
     if not use_phantom:
         return out
-    o1, o2 = out[..., :D], out[..., D:]
-    acc = acc_dtype(o1.dtype)
-    w = module.gating_phantom_1(o1).to(acc) - module.gating_phantom_2(o2).to(acc)  # (B, L, H, 1)
-    g = torch.sigmoid(w)  # = exp(w1) / (exp(w1) + exp(w2)) without overflow (spec H8)
-    return (g * o1.to(acc) + (1 - g) * o2.to(acc)).to(o1.dtype)
+    # gate g = exp(w1) / (exp(w1) + exp(w2)) = sigmoid(w1 - w2), in fp32 without overflow (spec H8);
+    # w1 - w2 = [o1, o2] . [a1, -a2] + (b1 - b2) is one matrix-vector product over the 2D-wide output
+    g1, g2 = module.gating_phantom_1, module.gating_phantom_2
+    acc = acc_dtype(out.dtype)
+    out_acc = out if out.dtype == acc else out.to(acc)
+    w = F.linear(out_acc, torch.cat([g1.weight, -g2.weight], dim=1).to(acc), (g1.bias - g2.bias).to(acc))  # (B, L, H, 1)
+    o1, o2 = out_acc[..., :D], out_acc[..., D:]
+    mixed = torch.addcmul(o2, torch.sigmoid(w), o1 - o2)  # g * o1 + (1 - g) * o2
+    return mixed if mixed.dtype == out.dtype else mixed.to(out.dtype)
