@@ -258,9 +258,10 @@ class PhantomForCausalLM(nn.Module):
             pad = self.config.llm_config.pad_token_id
             pad = pad if pad is not None else (valid_stops[0] if valid_stops else 0)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        input_ids, mask = left_align(input_ids, mask, pad)
-        if phantom_index is not None and attention_mask is not None:
-            phantom_index = None  # positions moved by left_align; the first real token is recomputed
+        aligned_ids, mask = left_align(input_ids, mask, pad)
+        if aligned_ids is not input_ids:
+            phantom_index = None  # rows were moved to left padding: the first real token is re-derived
+        input_ids = aligned_ids
         cache = self.new_cache(input_ids.shape[1] + max_new_tokens)
         out = self(input_ids, mask, pixel_values, cache=cache, logits_to_keep=1, image_repeat=image_repeat,
                    phantom_index=phantom_index)
