@@ -119,6 +119,14 @@ def _is_hidden(name: str) -> bool:
     return name.startswith(".") or name.startswith("_")
 
 
+def _object_exists(client, bucket: str, key: str) -> bool:
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except client.exceptions.ClientError:
+        return False
+
+
 def list_files(uri: str, suffixes: Iterable[str] | str | None = None) -> list[str]:
     """All files under ``uri`` (recursively), sorted, as full URIs/paths; hidden names skipped.
 
@@ -131,12 +139,8 @@ def list_files(uri: str, suffixes: Iterable[str] | str | None = None) -> list[st
     if is_s3(uri):
         bucket, key = split_s3(uri)
         client = s3_client()
-        if key:
-            try:
-                client.head_object(Bucket=bucket, Key=key)
-                return [f"s3://{bucket}/{key}"] if not suffixes or key.endswith(suffixes) else []
-            except client.exceptions.ClientError:
-                pass
+        if key and _object_exists(client, bucket, key):
+            return [f"s3://{bucket}/{key}"] if not suffixes or key.endswith(suffixes) else []
         prefix = f"{key}/" if key else ""
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
@@ -212,12 +216,8 @@ def exists(uri: str) -> bool:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         client = s3_client()
-        if key:
-            try:
-                client.head_object(Bucket=bucket, Key=key)
-                return True
-            except client.exceptions.ClientError:
-                pass
+        if key and _object_exists(client, bucket, key):
+            return True
         prefix = f"{key}/" if key else ""
         resp = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
         return resp.get("KeyCount", 0) > 0
