@@ -39,7 +39,7 @@ class _PhantomAttention(nn.Module):
         raise NotImplementedError
 
     def out_proj(self, o: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.o_proj(o)  # Qwen2 / Phi-3 name; InternLM2 overrides (wo)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
         B, L, _ = x.shape
@@ -64,9 +64,6 @@ class Qwen2PhantomAttention(_PhantomAttention):
         D = self.head_dim
         return (self.q_proj(x).view(B, L, -1, D), self.k_proj(x).view(B, L, -1, D), self.v_proj(x).view(B, L, -1, D))
 
-    def out_proj(self, o):
-        return self.o_proj(o)
-
 
 class Phi3PhantomAttention(_PhantomAttention):
     def __init__(self, cfg: LLMConfig, layer_idx: int, eta: float):
@@ -81,9 +78,6 @@ class Phi3PhantomAttention(_PhantomAttention):
         H, Hk, D = self.num_heads, self.num_kv_heads, self.head_dim
         q, k, v = self.qkv_proj(x).split([H * D, Hk * D, Hk * D], dim=-1)  # contiguous layout
         return q.view(B, L, H, D), k.view(B, L, Hk, D), v.view(B, L, Hk, D)
-
-    def out_proj(self, o):
-        return self.o_proj(o)
 
 
 class InternLM2PhantomAttention(_PhantomAttention):
