@@ -94,7 +94,6 @@ def run_quickstart(workdir: str, budget_name: str = "full") -> dict:
 
     from phantom_ray.data.synth import LAYOUT_FILES
     from phantom_ray.infer.caption import CaptionConfig, caption, read_outputs
-    from phantom_ray.infer.engine import GenerationConfig
     from phantom_ray.model import PhantomForCausalLM
     from phantom_ray.processing import load_tokenizer
     from phantom_ray.train.evaluate import choice_accuracy
@@ -157,8 +156,8 @@ def run_quickstart(workdir: str, budget_name: str = "full") -> dict:
     cap_out = os.path.join(workdir, "captions")
     cap_summary = caption(CaptionConfig(
         input=images_dir, output=cap_out, model=export, prompt="Describe the image.",
-        generation=GenerationConfig(max_new_tokens=budget.max_new_tokens), batch_size=8, min_replicas=1,
-        max_replicas=1, num_gpus=0, num_cpus=0.5, decode_num_cpus=0.25, shard_size=16, progress=True))
+        sampling={"max_tokens": budget.max_new_tokens}, batch_size=8, min_replicas=1,
+        max_replicas=1, num_gpus=0, num_cpus=0.5, shard_size=16, progress=True))
     rows = read_outputs(cap_out)
     summary["captions"] = {"output": cap_out, "images": len(rows),
                            "examples": [{"image": os.path.basename(r["image_uri"]), "caption": r["caption"]}
