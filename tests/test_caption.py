@@ -88,15 +88,15 @@ def _rows_by(output: str, key: str = "image_uri") -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def reference_engine():
-    from phantom_ray.infer.engine import PhantomEngine
+    from phantom_ray.infer.api import load_engine
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return PhantomEngine.load("tiny-qwen2", seed=0)
+        return load_engine("tiny-qwen2", backend="torch", device="cpu", seed=0)
 
 
 def _reference(engine, uri: str, prompt: str = PROMPT, max_new: int = MAX_NEW) -> str:
-    from phantom_ray.infer.engine import greedy_reference
+    from engine_helpers import greedy_reference  # a direct model.generate on one image, no engine code
 
     return greedy_reference(engine, storage.read_bytes(uri), prompt, max_new)
 

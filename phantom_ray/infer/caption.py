@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import collections
 import csv
-import functools
 import io
 import json
 import logging
@@ -58,7 +57,9 @@ from pydantic import field_validator, model_validator
 from phantom_ray import storage
 from phantom_ray.config import Config
 from phantom_ray.infer.api import SamplingParams
-from phantom_ray.infer.engine import DEFAULT_PROMPT, Generation, GenerationConfig, error_detail, is_preset
+from phantom_ray.infer.api import Generation
+from phantom_ray.infer.torch_engine import error_detail
+from phantom_ray.loader import is_preset
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ PLAN_FILE = "_plan.json"
 METADATA_KEY = b"phantom_ray.caption"
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 DECODE_MEMORY_BYTES = 512 * 1024 * 1024  # reserved per decode task (an 8K x 8K RGB image is 200 MB decoded)
+DEFAULT_PROMPT = "Describe the image in detail."
 # hidden plan columns: the canonical URI the worker reads (a manifest's own column stays as written)
 URI_COLUMN = "__phantom_uri"
 ADDED_COLUMNS = ("caption", "prompt", "prompt_tokens", "generated_tokens", "finish_reason", "latency_s",
@@ -435,69 +437,14 @@ def _fetch_and_open(uri: str, max_image_bytes: int, max_pixels: int | None):
     return _open_image(data, max_pixels)
 
 
-class _PhantomEngineAdapter:
-    """The torch backend through the previous in-process engine, for as long as
-    ``phantom_ray.infer.torch_engine`` is not on this branch (the core helper is writing it).
-    Same contract as :class:`phantom_ray.infer.api.Engine`.generate."""
-
-    backend = "torch"
-
-    def __init__(self, model_id: str, device: str, dtype: str, seed: int, max_length: int, attn_implementation: str):
-        from phantom_ray.infer.engine import PhantomEngine
-
-        self.model_id = model_id
-        self.engine = PhantomEngine.load(model_id, device=device, dtype=dtype, seed=seed, max_length=max_length,
-                                         attn_implementation=attn_implementation)
-
-    def generate(self, requests):
-        from phantom_ray.infer.api import Generation as ApiGeneration
-        from phantom_ray.processing import ProcessingError
-
-        out = []
-        groups: dict[SamplingParams, list[int]] = collections.defaultdict(list)
-        samples: list[Any] = []
-        for i, r in enumerate(requests):
-            text = r.messages[-1]["content"].replace("<image>\n", "", len(r.images))
-            try:
-                samples.append(self.engine.prepare(r.images[0] if r.images else None, text))
-            except ProcessingError as exc:
-                samples.append(exc)
-            groups[r.params].append(i)
-        out = [None] * len(requests)
-        for p, idx in groups.items():
-            gcfg = GenerationConfig(max_new_tokens=p.max_tokens, do_sample=not p.greedy,
-                                    temperature=p.temperature if p.temperature > 0 else 1.0, top_p=p.top_p,
-                                    top_k=p.top_k, num_beams=p.num_beams, length_penalty=p.length_penalty,
-                                    seed=p.seed or 0)
-            t0 = time.perf_counter()
-            gens = self.engine.generate_samples([samples[i] for i in idx], gcfg, batch_size=len(idx),
-                                                keys=[requests[i].key for i in idx])
-            dt = (time.perf_counter() - t0) / max(1, len(idx))
-            for i, g in zip(idx, gens):
-                s = samples[i]
-                out[i] = ApiGeneration(text=g.text, finish_reason=g.finish_reason,
-                                       prompt_tokens=0 if isinstance(s, Exception) else len(s.input_ids),
-                                       completion_tokens=g.tokens, num_tiles=g.num_tiles, latency_s=dt,
-                                       error=g.error, error_detail=g.error_detail)
-        return out
-
-    def close(self) -> None:
-        pass
-
-
 def load_caption_engine(model_id: str, backend: str, *, num_gpus: float, dtype: str, seed: int, max_length: int,
-                        attn_implementation: str):
+                        attn_implementation: str, batch_size: int):
     """The engine of one model replica: ``load_engine(model, backend=...)`` on this replica's device."""
     from phantom_ray.infer.api import load_engine
-    from phantom_ray.infer.engine import default_device
+    from phantom_ray.loader import default_device
 
-    device = default_device(num_gpus)
-    try:
-        return load_engine(model_id, backend=backend, device=device, dtype=dtype, seed=seed)
-    except ModuleNotFoundError as exc:
-        if backend in ("auto", "torch") and exc.name == "phantom_ray.infer.torch_engine":
-            return _PhantomEngineAdapter(model_id, device, dtype, seed, max_length, attn_implementation)
-        raise
+    return load_engine(model_id, backend=backend, device=default_device(num_gpus), dtype=dtype, seed=seed,
+                       max_length=max_length, attn_implementation=attn_implementation, max_batch_size=batch_size)
 
 
 def _shard_counts(table) -> dict[str, Any]:
@@ -530,7 +477,8 @@ class ChunkCaptioner:
             warnings.simplefilter("ignore", UserWarning)  # the driver already warned about preset weights
             self.engine = load_caption_engine(job["model"], job["engine"], num_gpus=num_gpus, dtype=job["dtype"],
                                               seed=job["seed"], max_length=job["max_length"],
-                                              attn_implementation=job["attn_implementation"])
+                                              attn_implementation=job["attn_implementation"],
+                                              batch_size=job["batch_size"])
         self.pool = ThreadPoolExecutor(max(1, job["io_threads"]), thread_name_prefix="caption-io")
 
     def __call__(self, batch: dict) -> dict:
@@ -600,7 +548,7 @@ class ChunkCaptioner:
             submitted = submit_upto(start + 4 * bs)
             if reqs:
                 for j, g in zip(idx, self.engine.generate(reqs)):
-                    added["caption"][j] = g.text
+                    added["caption"][j] = g.text.strip() if g.text is not None else None  # the answer, unpadded
                     added["prompt_tokens"][j] = g.prompt_tokens
                     added["generated_tokens"][j] = g.completion_tokens
                     added["finish_reason"][j] = g.finish_reason
@@ -761,33 +709,17 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 # ================================================================================================
-# eval: make_predict_fn through a decode-task + generation-actor pipeline. It belongs to eval and
-# moves there with the engine interface (core helper); captioning above no longer uses these stages.
+# The decode-task + generation-actor stages of eval's make_predict_fn (phantom_ray.eval.predict).
+# Captioning above no longer uses them: its model stage gets image bytes and opens them itself.
 # ================================================================================================
 
-# ---- stage 1: read + decode + tile + tokenize (CPU tasks) --------------------------------------
 
-@functools.lru_cache(maxsize=4)
 def load_processor(model_id: str, max_length: int, max_pixels: int | None):
     """The model's processor without its weights (config.json + tokenizer files only); cached per
     worker process, so a decode task pays for the tokenizer once."""
-    from phantom_ray.model import PhantomConfig
-    from phantom_ray.processing import PhantomProcessor, load_tokenizer
+    from phantom_ray.loader import load_processor as _load
 
-    if is_preset(model_id):
-        config = PhantomConfig.from_preset(model_id)
-        tokenizer = load_tokenizer(model_id, config)
-    elif storage.is_s3(model_id) or os.path.isdir(model_id):
-        config = PhantomConfig.from_dict(json.loads(storage.read_text(storage.join(model_id, "config.json"))))
-        tokenizer = load_tokenizer(model_id, config)
-    else:  # hub id: fetch the checkpoint (once per node)
-        from phantom_ray.model.loading import resolve_checkpoint
-
-        local = str(resolve_checkpoint(model_id))
-        config = PhantomConfig.from_dict(json.loads(storage.read_text(storage.join(local, "config.json"))))
-        tokenizer = load_tokenizer(local, config)
-    kw = {"max_pixels": max_pixels} if max_pixels is not None else {}
-    return PhantomProcessor(config, tokenizer, max_length=max_length, **kw)
+    return _load(model_id, max_length, max_pixels)
 
 
 def _decoded_schema():
@@ -874,7 +806,8 @@ class Captioner:
 
         import torch
 
-        from phantom_ray.infer.engine import PhantomEngine, default_device
+        from phantom_ray.infer.api import load_engine
+        from phantom_ray.loader import default_device
 
         if env:
             os.environ.update(env)
@@ -882,10 +815,9 @@ class Captioner:
             torch.set_num_threads(torch_threads)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the driver already warned about preset weights
-            self.engine = PhantomEngine.load(model_id, device=default_device(num_gpus), dtype=dtype,
-                                             attn_implementation=attn_implementation, seed=seed,
-                                             max_length=max_length)
-        self.generation = GenerationConfig(**generation)
+            self.engine = load_engine(model_id, backend="torch", device=default_device(num_gpus), dtype=dtype,
+                                      attn_implementation=attn_implementation, seed=seed, max_length=max_length)
+        self.generation = SamplingParams(**generation)
         self.batch_size = batch_size
 
     def __call__(self, batch):
@@ -903,7 +835,7 @@ class Captioner:
                 results[i] = Generation(text=None, num_tiles=r["num_tiles"] or 0, error=r["error"],
                                         error_detail=r["error_detail"])
             else:
-                by_len[r["max_new_tokens"] or self.generation.max_new_tokens].append(i)
+                by_len[r["max_new_tokens"] or self.generation.max_tokens].append(i)
         for max_new, idx in by_len.items():
             samples = []
             for i in idx:
@@ -914,12 +846,13 @@ class Captioner:
                                           .reshape(r["pixel_shape"]))
                 samples.append(Sample(input_ids=torch.tensor(r["input_ids"], dtype=torch.long), labels=None,
                                       pixel_values=pv, num_tiles=[r["num_tiles"]] if pv is not None else []))
-            gens = self.engine.generate_samples(samples, self.generation.replace(max_new_tokens=max_new),
-                                                batch_size=self.batch_size, keys=[rows[i]["key"] for i in idx])
+            gens = self.engine.generate_samples(samples, self.generation.replace(max_tokens=max_new),
+                                                [rows[i]["key"] for i in idx], batch_size=self.batch_size)
             for i, g in zip(idx, gens):
                 results[i] = g
-        out = [{"key": r["key"], "shard": r["shard"], "caption": g.text, "num_tiles": g.num_tiles,
-                "tokens_generated": g.tokens, "finish_reason": g.finish_reason, "error": g.error,
+        # a caption is the answer without surrounding whitespace
+        out = [{"key": r["key"], "shard": r["shard"], "caption": g.text.strip() if g.text is not None else None,
+                "num_tiles": g.num_tiles, "tokens_generated": g.completion_tokens, "finish_reason": g.finish_reason, "error": g.error,
                 "error_detail": g.error_detail} for r, g in zip(rows, results)]
         return pa.Table.from_pylist(out, schema=_caption_schema())
 
@@ -929,7 +862,7 @@ class StageOptions:
     """Resources and settings of the two Ray Data stages (shared by captioning and eval)."""
 
     model: str
-    generation: GenerationConfig
+    generation: SamplingParams
     batch_size: int = 8
     min_replicas: int = 1
     max_replicas: int = 1
@@ -949,9 +882,7 @@ def _ensure_ray(address: str | None = None):
     import ray
 
     if not ray.is_initialized():
-        local = address is None and not os.environ.get("RAY_ADDRESS")
-        # a local instance needs no dashboard (which would also reach out to cloud metadata addresses)
-        ray.init(address=address, log_to_driver=False, **({"include_dashboard": False} if local else {}))
+        ray.init(address=address, log_to_driver=False)
     return ray
 
 
@@ -995,76 +926,6 @@ def build_generation_dataset(rows: list[dict], opts: StageOptions):
                                "env": env})
 
 
-# ---- eval: predict_fn through the same stages --------------------------------------------------
-
-def _item_image_bytes(refs: list) -> bytes | None:
-    """One image for an eval item: the file bytes as is, several concatenated (original harness) as PNG."""
-    from phantom_ray.eval.images import concat_horizontally, image_bytes, load_image
-
-    if not refs:
-        return None
-    if len(refs) == 1:
-        return image_bytes(refs[0])
-    buf = io.BytesIO()
-    concat_horizontally([load_image(r) for r in refs]).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def make_predict_fn(model: str, num_beams: int = 1, batch_size: int = 8, *, min_replicas: int = 1,
-                    max_replicas: int = 1, num_gpus: float | None = None, num_cpus: float = 1.0,
-                    decode_num_cpus: float = 1.0, decode_concurrency: int | None = None, dtype: str = "auto", seed: int = 0, max_length: int = 4096,
-                    use_ray: bool = True, **generation) -> Callable[[list], list[str]]:
-    """``predict_fn(items) -> list[str]`` for :func:`phantom_ray.eval.run_eval`: each item's
-    ``user_text()`` and image(s) go through the Ray Data decode tasks and the generation actor pool
-    (``use_ray=False``: one in-process engine), with each item's own ``max_new_tokens``. Greedy by
-    default; ``num_beams=3`` is the original harness. A failed item (bad image) predicts ""."""
-    gen_cfg = GenerationConfig(num_beams=num_beams, **generation)
-    opts = StageOptions(model=model, generation=gen_cfg, batch_size=batch_size, min_replicas=min_replicas,
-                        max_replicas=max_replicas, num_gpus=num_gpus, num_cpus=num_cpus,
-                        decode_num_cpus=decode_num_cpus, decode_concurrency=decode_concurrency, dtype=dtype, seed=seed, max_length=max_length)
-    state: dict[str, Any] = {}
-
-    def predict_local(items: list) -> list[str]:
-        from phantom_ray.infer.engine import PhantomEngine
-
-        if "engine" not in state:
-            state["engine"] = PhantomEngine.load(model, dtype=dtype, seed=seed, max_length=max_length)
-        engine = state["engine"]
-        out: list[str | None] = [None] * len(items)
-        by_len: dict[int, list[int]] = collections.defaultdict(list)
-        for i, it in enumerate(items):
-            by_len[int(it.max_new_tokens)].append(i)
-        for max_new, idx in by_len.items():
-            reqs = [(_item_image_bytes(items[i].images), items[i].user_text()) for i in idx]
-            gens = engine.generate(reqs, gen_cfg.replace(max_new_tokens=max_new), batch_size=batch_size,
-                                   keys=[str(items[i].id) for i in idx])
-            for i, g in zip(idx, gens):
-                out[i] = _prediction(items[i], g.text, g.error, g.error_detail)
-        return out
-
-    def predict_ray(items: list) -> list[str]:
-        rows = [{"key": str(i), "shard": None, "uri": None, "image": _item_image_bytes(it.images),
-                 "prompt": it.user_text(), "max_new_tokens": int(it.max_new_tokens)} for i, it in enumerate(items)]
-        got: dict[int, str] = {}
-        for batch in build_generation_dataset(rows, opts).iter_batches(batch_format="pyarrow", batch_size=None):
-            for r in batch.to_pylist():
-                i = int(r["key"])
-                got[i] = _prediction(items[i], r["caption"], r["error"], r["error_detail"])
-        missing = [i for i in range(len(items)) if i not in got]
-        if missing:
-            raise RuntimeError(f"generation returned no answer for {len(missing)} items (first: {items[missing[0]].id})")
-        return [got[i] for i in range(len(items))]
-
-    return predict_ray if use_ray else predict_local
-
-
-def _prediction(item, text: str | None, error: str | None, detail: str | None) -> str:
-    if error:
-        log.warning("%s/%s: no prediction (%s: %s)", item.benchmark, item.id, error, detail)
-        return ""
-    return text or ""
-
-
 __all__ = ["CaptionConfig", "caption", "make_plan", "iter_plan_rows", "read_outputs", "output_shards", "read_shard",
-           "make_predict_fn", "format_summary", "ChunkCaptioner", "load_caption_engine", "IMAGE_EXTENSIONS",
-           "ADDED_COLUMNS", "build_generation_dataset", "StageOptions", "Captioner", "decode_batch", "load_processor"]
+           "format_summary", "ChunkCaptioner", "load_caption_engine", "IMAGE_EXTENSIONS", "ADDED_COLUMNS",
+           "DEFAULT_PROMPT", "build_generation_dataset", "StageOptions", "Captioner", "decode_batch", "load_processor"]

@@ -17,7 +17,7 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from phantom_ray.infer.engine import DEFAULT_PROMPT
+    from phantom_ray.infer.caption import DEFAULT_PROMPT
 
     p.add_argument("--input", required=True,
                    help="images: s3://bucket/prefix or a local directory (listed page by page, filtered by image "
