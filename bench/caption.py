@@ -127,17 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
-        # ---- 1. driver peak RSS vs number of images -----------------------------------------------
-        rss = []
-        for n in [int(x) for x in args.rss_images.split(",") if x]:
-            images = _folder(tmp / f"rss{n}", n)
-            peak, s, wall = _rss_child(_cli(images, tmp / f"rss{n}-out", args, args.replicas), env)
-            rss.append((n, peak, s, wall))
-            print(f"  rss run: {n} images, driver peak {peak:.0f} MiB, {s['images_per_s']:.0f} images/s e2e, "
-                  f"wall {wall:.0f}s", flush=True)
-            shutil.rmtree(tmp / f"rss{n}", ignore_errors=True)
-
-        # ---- 2. speed: one-at-a-time loop vs pipeline ---------------------------------------------
+        # ---- 1. speed: one-at-a-time loop vs pipeline ---------------------------------------------
         images = _folder(tmp / "speed", args.speed_images)
         uris = sorted(str(p) for p in images.rglob("*.png"))
         torch.set_num_threads(1)  # the loop gets one core, like each CPU replica
@@ -147,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         def req(u):
             from PIL import Image
 
-            return Request.user(PROMPT, images=[Image.open(u).convert("RGB")], params=params, key=u)
+            return Request(messages=[{"role": "user", "content": PROMPT}], images=[Image.open(u).convert("RGB")],
+                           params=params, key=u)
 
         engine.generate([req(uris[0])])  # warm-up
         n_loop = min(len(uris), 300)
@@ -161,6 +152,18 @@ def main(argv: list[str] | None = None) -> int:
         rows = [("one-at-a-time loop (1 process, 1 thread)", loop, None),
                 (f"pipeline, {args.replicas} replica(s), batch {args.batch_size}", s["images_per_s"],
                  s["steady_images_per_s"])]
+        print(f"  speed: loop {loop:.1f} images/s, pipeline {s['images_per_s']:.1f} images/s end to end "
+              f"({s['steady_images_per_s']} steady, start-up {s['startup_s']:.1f}s)", flush=True)
+        # ---- 2. driver peak RSS vs number of images -----------------------------------------------
+        rss = []
+        for n in [int(x) for x in args.rss_images.split(",") if x]:
+            images = _folder(tmp / f"rss{n}", n)
+            peak, s, wall = _rss_child(_cli(images, tmp / f"rss{n}-out", args, args.replicas), env)
+            rss.append((n, peak, s, wall))
+            print(f"  rss run: {n} images, driver peak {peak:.0f} MiB, {s['images_per_s']:.0f} images/s e2e, "
+                  f"wall {wall:.0f}s", flush=True)
+            shutil.rmtree(tmp / f"rss{n}", ignore_errors=True)
+
         ray.shutdown()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

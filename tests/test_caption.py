@@ -449,3 +449,22 @@ def test_driver_sigkill_mid_run_then_rerun_equals_uninterrupted_run(bucket, ray_
     drop = ("latency_s",)
     assert ({u: {k: v for k, v in r.items() if k not in drop} for u, r in killed.items()}
             == {u: {k: v for k, v in r.items() if k not in drop} for u, r in uninterrupted.items()})
+
+
+def test_one_row_codec_round_trips_training_and_eval_pixels():
+    import torch
+
+    from phantom_ray.data.schema import decode_pixels, encode_pixels, row_to_sample
+
+    pv = torch.randn(3, 3, 8, 8)
+    data, shape = encode_pixels(pv, "float32")
+    assert shape == [3, 3, 8, 8] and torch.equal(decode_pixels(data, shape, "float32"), pv)
+    data16, _ = encode_pixels(pv, "float16")
+    assert len(data16) == len(data) // 2
+    assert torch.equal(decode_pixels(data16, shape, "float16"), pv.half().float())  # exactly the float16 rounding
+    s = row_to_sample([1, 2, 3], None, data, shape, [3], "float32")
+    assert s.input_ids.tolist() == [1, 2, 3] and s.labels is None and s.num_tiles == [3]
+    assert torch.equal(s.pixel_values, pv)
+    assert encode_pixels(None) == (None, None) and row_to_sample([1], [1], None, None, [], "float16").pixel_values is None
+    with pytest.raises(ValueError, match="pixel_dtype"):
+        encode_pixels(pv, "int8")

@@ -43,7 +43,7 @@ import numpy as np
 
 from phantom_ray import storage
 from phantom_ray.data.pack import read_manifest
-from phantom_ray.data.schema import ERRORS_SCHEMA, RowError
+from phantom_ray.data.schema import ERRORS_SCHEMA, RowError, encode_pixels, row_to_sample
 
 log = logging.getLogger(__name__)
 
@@ -242,12 +242,8 @@ def process_row(row: dict, processor, task: str = "sft", pixel_dtype: str = "flo
     else:
         sample = processor.encode(messages, images=images)
         out |= {"input_ids": _ids(sample.input_ids), "labels": _ids(sample.labels)}
-    pv = sample.pixel_values
-    if pv is not None:
-        arr = pv.detach().cpu().numpy().astype(pixel_dtype)
-        out |= {"pixel_values": arr.tobytes(), "pixel_shape": list(arr.shape)}
-    else:
-        out |= {"pixel_values": None, "pixel_shape": None}
+    pixels, shape = encode_pixels(sample.pixel_values, pixel_dtype)
+    out |= {"pixel_values": pixels, "pixel_shape": shape}
     out["num_tiles"] = list(sample.num_tiles)
     return out
 
@@ -329,16 +325,7 @@ def build_train_dataset(cfg: DataConfig, epoch: int = 0, *, preprocess: bool = T
 # ---- per worker ------------------------------------------------------------------------------------
 
 def _sample(ids, labels, pixel, shape, num_tiles, dtype):
-    import torch
-
-    from phantom_ray.processing import Sample
-
-    pv = None
-    if pixel is not None:
-        pv = torch.from_numpy(np.frombuffer(pixel, dtype=dtype).reshape([int(x) for x in shape]).astype(np.float32))
-    return Sample(input_ids=torch.as_tensor(np.asarray(ids, dtype=np.int64)),
-                  labels=torch.as_tensor(np.asarray(labels, dtype=np.int64)) if labels is not None else None,
-                  pixel_values=pv, num_tiles=[int(x) for x in num_tiles])
+    return row_to_sample(ids, labels, pixel, shape, num_tiles, dtype)
 
 
 class CollateProcessed:

@@ -544,7 +544,11 @@ class ChunkCaptioner:
                     added["error_detail"][j] = f"row {j} of chunk {i}: column {pcol!r} is empty or not text"
                     continue
                 idx.append(j)
-                reqs.append(Request.user(prompt, images=[img], params=self.sampling, key=uris[j]))
+                # no "<image>" placeholder in the text: the processor puts the image first, the
+                # prompt layout of the original inference harness (Request.user's "<image>\n"
+                # prefix would add a newline token before the question)
+                reqs.append(Request(messages=[{"role": "user", "content": prompt}], images=[img],
+                                    params=self.sampling, key=uris[j]))
             submitted = submit_upto(start + 4 * bs)
             if reqs:
                 for j, g in zip(idx, self.engine.generate(reqs)):
@@ -755,9 +759,9 @@ def decode_batch(batch, model_id: str, max_length: int, max_pixels: int | None, 
                  env: dict[str, str] | None = None):
     """Rows (key, shard, uri | image bytes, prompt, max_new_tokens) -> tokenized prompts and
     float32 pixel values; a bad image or prompt becomes a row with ``error`` set."""
-    import numpy as np
     import pyarrow as pa
 
+    from phantom_ray.data.schema import encode_pixels
     from phantom_ray.processing import ProcessingError
 
     if env:
@@ -776,10 +780,8 @@ def decode_batch(batch, model_id: str, max_length: int, max_pixels: int | None, 
         else:
             rec["input_ids"] = sample.input_ids.tolist()
             rec["num_tiles"] = sum(sample.num_tiles)
-            if sample.pixel_values is not None:
-                pv = sample.pixel_values.numpy().astype(np.float32, copy=False)
-                rec["pixel_values"] = pv.tobytes()
-                rec["pixel_shape"] = list(pv.shape)
+            # float32 pixels: eval compares with an in-process run, which never rounds them
+            rec["pixel_values"], rec["pixel_shape"] = encode_pixels(sample.pixel_values, "float32")
         out.append(rec)
     return pa.Table.from_pylist(out, schema=_decoded_schema())
 
@@ -821,11 +823,9 @@ class Captioner:
         self.batch_size = batch_size
 
     def __call__(self, batch):
-        import numpy as np
         import pyarrow as pa
-        import torch
 
-        from phantom_ray.processing import Sample
+        from phantom_ray.data.schema import row_to_sample
 
         rows = batch.to_pylist()
         results: list[Generation | None] = [None] * len(rows)
@@ -840,12 +840,8 @@ class Captioner:
             samples = []
             for i in idx:
                 r = rows[i]
-                pv = None
-                if r["pixel_values"] is not None:
-                    pv = torch.from_numpy(np.frombuffer(r["pixel_values"], dtype=np.float32).copy()
-                                          .reshape(r["pixel_shape"]))
-                samples.append(Sample(input_ids=torch.tensor(r["input_ids"], dtype=torch.long), labels=None,
-                                      pixel_values=pv, num_tiles=[r["num_tiles"]] if pv is not None else []))
+                samples.append(row_to_sample(r["input_ids"], None, r["pixel_values"], r["pixel_shape"],
+                                             [r["num_tiles"]] if r["pixel_values"] is not None else [], "float32"))
             gens = self.engine.generate_samples(samples, self.generation.replace(max_tokens=max_new),
                                                 [rows[i]["key"] for i in idx], batch_size=self.batch_size)
             for i, g in zip(idx, gens):

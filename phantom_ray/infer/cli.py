@@ -3,8 +3,12 @@
     phantom-ray caption --input s3://bucket/images/ --output s3://bucket/captions/phantom-7b/ \\
         --model s3://bucket/export/phantom-7b --max-replicas 16 --num-gpus 1 --batch-size 32
 
-Re-running the same command after a crash or preemption captions only the images not yet in
-``--output``; every input image ends up in exactly one output row (a caption or an error).
+    phantom-ray caption --input manifest.parquet --prompt-column question --output out/ --model ckpt/
+
+Re-running the same command after a crash or preemption captions only the chunks not yet in
+``--output``; every input row ends up in exactly one output row (a caption or an error), with the
+manifest's columns carried through. The same input spelled differently (relative/absolute, a
+trailing slash, ``s3://b//k``) is the same job; another input into the same ``--output`` is refused.
 A preset name as ``--model`` (e.g. tiny-qwen2) means random weights: for smoke tests only.
 """
 
