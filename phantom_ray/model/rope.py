@@ -56,7 +56,8 @@ def rope_cos_sin(cfg: LLMConfig, position_ids: torch.Tensor, dtype: torch.dtype)
                 f"got {short.numel()}/{long.numel()}"
             )
         ext = torch.where(seq_len > orig, long[None], short[None])  # (B, D/2)
-        inv_freq = inv_freq / ext
+        # same float32 op order as transformers' longrope (1 / (ext * base^x)): tables bit-equal to it
+        inv_freq = 1.0 / (ext * base ** exponent)
         ratio = cfg.max_position_embeddings / orig
         if ratio > 1.0:
             scale = math.sqrt(1 + math.log(ratio) / math.log(orig))
