@@ -204,6 +204,10 @@ def open_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS, what: str = "i
         raise ImageError("undecodable_image", f"{what}: {fmt} data is corrupt or truncated: {exc}") from None
     except Image.DecompressionBombError as exc:  # a frame larger than the canvas
         raise ImageError("too_many_pixels", f"{what}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - PIL's decoders raise assorted types (IndexError,
+        # ZeroDivisionError, ...) on crafted files; one hostile image must be a refusal, not a crash
+        raise ImageError("undecodable_image", f"{what}: {img.format or 'image'} data is invalid "
+                                              f"({type(exc).__name__}: {exc})") from None
     limits.check_size(img.size, what)  # after decoding: a frame/transpose cannot exceed the limits either
     return to_rgb(img)
 
@@ -343,6 +347,10 @@ def fetch_bytes(source: str | os.PathLike, policy: FetchPolicy = FetchPolicy()) 
         source = unquote(parts.path)
     elif scheme and len(scheme) > 1:  # "C:" style drive letters are paths, everything else a scheme
         raise FetchError("source_not_allowed", f"unsupported scheme {scheme!r} in {source[:80]!r}")
+    if (policy.root or "").startswith("s3://") and scheme != "file":
+        if not policy.allow_s3:
+            raise FetchError("source_not_allowed", f"s3:// keys are not accepted here ({source})")
+        return _read_checked(resolve_s3(source, policy), policy)  # a key relative to the S3 root
     if not policy.allow_local:
         raise FetchError("source_not_allowed", "local paths are not accepted here")
     return _read_checked(resolve_local(source, policy.root), policy)
