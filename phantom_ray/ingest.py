@@ -91,6 +91,7 @@ FETCH_REASONS = (
     "source_not_allowed",  # scheme, host, port or path outside the policy's allowlist/root
     "address_not_allowed",  # resolves to a link-local/metadata, loopback or private address
     "bad_source",          # malformed URL/URI/path
+    "invalid_base64",      # a data: URI whose payload is not base64
     "not_found",           # no such file/object
     "fetch_failed",        # network/IO error, HTTP error status, timeout
     "source_too_large",    # more bytes than the policy's max_bytes
@@ -456,7 +457,7 @@ def _data_uri(uri: str, max_bytes: int) -> bytes:
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise FetchError("bad_source", f"data URI has invalid base64 ({exc})") from None
+        raise FetchError("invalid_base64", f"data URI has invalid base64 ({exc})") from None
     return data
 
 

@@ -143,7 +143,7 @@ def test_data_uris():
     png = encode(Image.new("RGB", (4, 4)), "PNG")
     uri = "data:image/png;base64," + base64.b64encode(png).decode()
     assert fetch_bytes(uri) == png
-    for bad, reason in [("data:image/png;base64,@@@", "bad_source"), ("data:text/html;base64,PGI+", "bad_source"),
+    for bad, reason in [("data:image/png;base64,@@@", "invalid_base64"), ("data:text/html;base64,PGI+", "bad_source"),
                         ("data:image/png,rawbytes", "bad_source")]:
         with pytest.raises(FetchError) as e:
             fetch_bytes(bad)
