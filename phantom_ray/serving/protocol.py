@@ -230,8 +230,6 @@ async def load_image_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
             data = fetch_bytes(url, policy.fetch)  # no I/O: decode in place
         else:
             data = await asyncio.to_thread(fetch_bytes, url, policy.fetch)
-        if not data:
-            raise APIError(400, f"{param}: the image holds no bytes", "invalid_image", param)
         await asyncio.to_thread(_check_image, data, policy.limits)
     except FetchError as exc:
         status, code = _FETCH_STATUS.get(exc.reason, (400, "image_fetch_failed"))
