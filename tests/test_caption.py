@@ -342,7 +342,7 @@ def test_manifest_columns_carried_through_with_per_row_prompts(ray_local, tmp_pa
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = str(tmp_path / "out")
     summary = caption(_config(str(manifest), out, prompt_column="question", format="jsonl", shard_size=4))
-    assert summary["images"] == 6 and summary["errors_by_reason"] == {"missing_prompt": 1, "unreadable_image": 1}
+    assert summary["images"] == 6 and summary["errors_by_reason"] == {"missing_prompt": 1, "not_found": 1}
     got = _rows_by(out, "row_id")
     assert sorted(got) == [r["row_id"] for r in rows]
     for want, uri in zip(rows, uris + [None]):
@@ -351,7 +351,7 @@ def test_manifest_columns_carried_through_with_per_row_prompts(ray_local, tmp_pa
         assert set(r) == set(want) | set(ADDED_COLUMNS)
         if want["question"] and uri:
             assert r["error"] is None and r["caption"] == _reference(reference_engine, uri, want["question"])
-    assert got[999]["error"] == "unreadable_image" and got[103]["error"] == "missing_prompt"
+    assert got[999]["error"] == "not_found" and got[103]["error"] == "missing_prompt"
     assert all(p.endswith(".jsonl") for p in output_shards(out))
 
 

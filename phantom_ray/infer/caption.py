@@ -72,7 +72,7 @@ SUMMARY_FILE = "_summary.json"
 PLAN_DIR = "_plan"
 PLAN_FILE = "_plan.json"
 METADATA_KEY = b"phantom_ray.caption"
-DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024  # eval's decode stage (below); captioning uses the ingest limits
 DECODE_MEMORY_BYTES = 512 * 1024 * 1024  # reserved per decode task (an 8K x 8K RGB image is 200 MB decoded)
 DEFAULT_PROMPT = "Describe the image in detail."
 # hidden plan columns: the canonical URI the worker reads (a manifest's own column stays as written)
@@ -103,8 +103,8 @@ class CaptionConfig(Config):
     format: Literal["parquet", "jsonl"] = "parquet"
     shard_size: int = 1000               # rows per chunk = per output shard
     list_page_size: int = 1000           # keys per S3 listing request
-    max_pixels: int | None = None        # default: the image loader's (8192 x 8192)
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_pixels: int | None = None        # None: the ingest default (phantom_ray.ingest.ImageLimits)
+    max_image_bytes: int | None = None   # None: the ingest default
     dtype: str = "auto"                  # auto: bfloat16 on GPU, float32 on CPU
     attn_implementation: str = "sdpa"
     seed: int = 0                        # preset weights
@@ -417,24 +417,19 @@ def _check_job(cfg: CaptionConfig) -> None:
 
 # ---- the model stage ---------------------------------------------------------------------------
 
-def _open_image(data: bytes, max_pixels: int | None):
-    """The one image-ingest step of captioning (bytes -> RGB PIL image or ImageError with a reason).
-    TODO(harden): switch to phantom_ray.ingest.open_image when it lands on main."""
-    from phantom_ray.processing.images import DEFAULT_MAX_PIXELS, load_image
-
-    return load_image(data, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-
-
-def _fetch_and_open(uri: str, max_image_bytes: int, max_pixels: int | None):
-    from phantom_ray.processing import ImageError
+def _fetch_and_open(uri: str, limits):
+    """One row's image: read its bytes (local path or ``s3://``) and open them with the one
+    image-ingest function (``phantom_ray.ingest.open_image``: byte, pixel, aspect and format limits).
+    Raises ``phantom_ray.ingest.InputError`` (``FetchError`` / ``ImageError``) with a reason code."""
+    from phantom_ray.ingest import FetchError, open_image
 
     try:
         data = storage.read_bytes(uri)
-    except OSError as exc:  # FileNotFoundError, PermissionError, network
-        raise ImageError("unreadable_image", f"cannot read {uri}: {exc}") from exc
-    if len(data) > max_image_bytes:
-        raise ImageError("image_too_large", f"{uri} is {len(data)} bytes, over --max-image-bytes {max_image_bytes}")
-    return _open_image(data, max_pixels)
+    except FileNotFoundError as exc:
+        raise FetchError("not_found", f"cannot read {uri}: {exc}") from None
+    except OSError as exc:  # PermissionError, a directory, network
+        raise FetchError("fetch_failed", f"cannot read {uri}: {exc}") from None
+    return open_image(data, limits, what=uri)
 
 
 def load_caption_engine(model_id: str, backend: str, *, num_gpus: float, dtype: str, seed: int, max_length: int,
@@ -461,12 +456,11 @@ class ChunkCaptioner:
     reads the chunk's plan rows, captions them and writes the chunk's shard itself. Returns counts
     only, so nothing but a few integers per chunk travels back to the driver."""
 
-    def __init__(self, job: dict, num_gpus: float = 0.0, torch_threads: int | None = None,
-                 env: dict[str, str] | None = None):
+    def __init__(self, job: dict, num_gpus: float = 0.0, torch_threads: int | None = None):
         import warnings
 
-        if env:
-            os.environ.update(env)
+        from phantom_ray.ingest import DEFAULT_LIMITS, ImageLimits
+
         if torch_threads:
             import torch
 
@@ -479,6 +473,8 @@ class ChunkCaptioner:
                                               seed=job["seed"], max_length=job["max_length"],
                                               attn_implementation=job["attn_implementation"],
                                               batch_size=job["batch_size"])
+        self.limits = ImageLimits(max_bytes=job["max_image_bytes"] or DEFAULT_LIMITS.max_bytes,
+                                  max_pixels=job["max_pixels"] or DEFAULT_LIMITS.max_pixels)
         self.pool = ThreadPoolExecutor(max(1, job["io_threads"]), thread_name_prefix="caption-io")
 
     def __call__(self, batch: dict) -> dict:
@@ -514,7 +510,7 @@ class ChunkCaptioner:
         bs = job["batch_size"]
 
         def load(j: int):
-            return _fetch_and_open(uris[j], job["max_image_bytes"], job["max_pixels"])
+            return _fetch_and_open(uris[j], self.limits)
 
         # images are fetched and opened on I/O threads, up to two batches ahead of the model
         futures: dict[int, Any] = {}
@@ -527,7 +523,7 @@ class ChunkCaptioner:
 
         submitted = submit_upto(3 * bs)
         from phantom_ray.infer.api import Request
-        from phantom_ray.processing import ImageError
+        from phantom_ray.ingest import InputError
 
         for start in range(0, n, bs):
             idx, reqs = [], []
@@ -536,8 +532,8 @@ class ChunkCaptioner:
                 prompt = added["prompt"][j]
                 try:
                     img = fut.result()
-                except ImageError as exc:
-                    added["error"][j], added["error_detail"][j] = exc.reason, error_detail(exc)
+                except InputError as exc:
+                    added["error"][j], added["error_detail"][j] = exc.reason, exc.detail
                     continue
                 if not prompt:
                     added["error"][j] = "missing_prompt"
@@ -661,8 +657,8 @@ def caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = None) -
         ds = ds.map_batches(
             ChunkCaptioner, batch_size=1, compute=ActorPoolStrategy(min_size=cfg.min_replicas, max_size=cfg.max_replicas),
             num_gpus=num_gpus, num_cpus=cfg.num_cpus,
-            fn_constructor_kwargs={"job": job, "num_gpus": num_gpus, "torch_threads": threads,
-                                   "env": storage.storage_env()})
+            fn_constructor_kwargs={"job": job, "num_gpus": num_gpus, "torch_threads": threads},
+            runtime_env=storage.storage_runtime_env())  # S3 settings reach the actors through Ray
         todo_rows = plan["rows"] - already
         bar = _Progress(todo_rows, cfg.progress)
         try:

@@ -58,8 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     o.add_argument("--shard-size", type=int, default=1000, help="rows per chunk (= per output shard)")
     o.add_argument("--list-page-size", type=int, default=1000, help="keys per S3 listing request")
     o.add_argument("--max-pixels", type=int, default=None, help="images with more pixels become error rows")
-    o.add_argument("--max-image-bytes", type=int, default=64 * 1024 * 1024,
-                   help="files larger than this become error rows")
+    o.add_argument("--max-image-bytes", type=int, default=None,
+                   help="files larger than this become error rows (default: the ingest limit, 20 MiB)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
     return p
 
