@@ -325,10 +325,19 @@ def make_plan(cfg: CaptionConfig) -> dict[str, Any]:
                              f"{plan.get('shard_size')}; this run asks for {cfg.input} with {cfg.shard_size}")
         return plan
     chunks = rows = 0
-    for batch in iter_plan_rows(cfg, cfg.shard_size):
-        storage.write_bytes_atomic(chunk_uri(cfg.output, chunks), _parquet_bytes(_table(batch)))
-        chunks += 1
-        rows += len(batch)
+    # chunk files are written by a few threads (an S3 PUT each), at most 2 x threads chunks in flight,
+    # so listing and writing overlap and the driver holds a bounded number of chunks
+    inflight: collections.deque = collections.deque()
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="caption-plan") as pool:
+        for batch in iter_plan_rows(cfg, cfg.shard_size):
+            inflight.append(pool.submit(storage.write_bytes_atomic, chunk_uri(cfg.output, chunks),
+                                        _parquet_bytes(_table(batch))))
+            chunks += 1
+            rows += len(batch)
+            while len(inflight) > 8:
+                inflight.popleft().result()
+        while inflight:
+            inflight.popleft().result()
     if rows == 0:
         raise FileNotFoundError(f"no images under {cfg.input} (extensions {', '.join(IMAGE_EXTENSIONS)}) "
                                 f"and not a manifest ({', '.join(MANIFEST_EXTENSIONS)})")
