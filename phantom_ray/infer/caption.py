@@ -614,16 +614,6 @@ class _Progress:
             self.bar.close()
 
 
-def _shard_rows(uri: str) -> int:
-    if uri.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        fs, path = storage.pyarrow_fs(uri)
-        with fs.open_input_file(path) as f:
-            return pq.ParquetFile(f).metadata.num_rows
-    return sum(1 for line in storage.read_text(uri).splitlines() if line.strip())
-
-
 def caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Caption every row of ``cfg.input`` not yet in ``cfg.output``; returns (and writes) the summary.
     ``on_chunk(i)`` is called on the driver as each chunk's counts come back."""
@@ -650,6 +640,10 @@ def caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = None) -
     processed = prompt_tokens = generated_tokens = written = 0
     t_first = None
     engine = cfg.engine
+    if engine == "auto":  # recorded as the backend that ran (vllm where installed, else torch)
+        from phantom_ray.infer.api import default_backend
+
+        engine = default_backend()
     if pending:
         _ensure_ray()
         num_gpus = resolve_num_gpus(cfg.num_gpus)
