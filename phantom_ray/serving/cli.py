@@ -77,7 +77,9 @@ def run(args: argparse.Namespace) -> int:
     for app in schema.applications:
         env_vars.update((app.runtime_env or {}).get("env_vars", {}))
     init_kwargs = {"address": args.address} if args.address else {"num_cpus": args.num_cpus}
-    ray.init(**init_kwargs, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
+    from phantom_ray.runtime import init_ray
+
+    init_ray(**init_kwargs, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
