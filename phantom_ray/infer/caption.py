@@ -754,8 +754,7 @@ def _read_image(row: dict, max_image_bytes: int) -> bytes | None:
     return data
 
 
-def decode_batch(batch, model_id: str, max_length: int, max_pixels: int | None, max_image_bytes: int,
-                 env: dict[str, str] | None = None):
+def decode_batch(batch, model_id: str, max_length: int, max_pixels: int | None, max_image_bytes: int):
     """Rows (key, shard, uri | image bytes, prompt, max_new_tokens) -> tokenized prompts and
     float32 pixel values; a bad image or prompt becomes a row with ``error`` set."""
     import pyarrow as pa
@@ -763,8 +762,6 @@ def decode_batch(batch, model_id: str, max_length: int, max_pixels: int | None, 
     from phantom_ray.data.schema import encode_pixels
     from phantom_ray.processing import ProcessingError
 
-    if env:
-        os.environ.update(env)
     processor = load_processor(model_id, max_length, max_pixels)
     out = []
     for row in batch.to_pylist():
@@ -802,7 +799,7 @@ class Captioner:
 
     def __init__(self, model_id: str, generation: dict, batch_size: int, dtype: str = "auto",
                  attn_implementation: str = "sdpa", seed: int = 0, max_length: int = 4096,
-                 num_gpus: float = 0.0, torch_threads: int | None = None, env: dict[str, str] | None = None):
+                 num_gpus: float = 0.0, torch_threads: int | None = None):
         import warnings
 
         import torch
@@ -810,8 +807,6 @@ class Captioner:
         from phantom_ray.infer.api import load_engine
         from phantom_ray.loader import default_device
 
-        if env:
-            os.environ.update(env)
         if torch_threads:
             torch.set_num_threads(torch_threads)
         with warnings.catch_warnings():
@@ -898,7 +893,7 @@ def build_generation_dataset(rows: list[dict], opts: StageOptions):
 
     _ensure_ray()
     num_gpus = resolve_num_gpus(opts.num_gpus)
-    env = storage.storage_env()
+    runtime_env = storage.storage_runtime_env()  # S3 settings reach tasks and actors through Ray
     blocks = max(1, min(len(rows), math.ceil(len(rows) / opts.batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the caller shows its own
@@ -909,7 +904,7 @@ def build_generation_dataset(rows: list[dict], opts: StageOptions):
         decode_batch, batch_format="pyarrow", batch_size=opts.batch_size, num_cpus=opts.decode_num_cpus,
         memory=DECODE_MEMORY_BYTES, concurrency=opts.decode_concurrency,
         fn_kwargs={"model_id": opts.model, "max_length": opts.max_length, "max_pixels": opts.max_pixels,
-                   "max_image_bytes": opts.max_image_bytes, "env": env})
+                   "max_image_bytes": opts.max_image_bytes}, runtime_env=runtime_env)
     # one torch thread per CPU the replica reserves, so replicas sharing a node do not oversubscribe it
     threads = max(1, int(opts.num_cpus)) if num_gpus == 0 else None
     return ds.map_batches(
@@ -919,8 +914,8 @@ def build_generation_dataset(rows: list[dict], opts: StageOptions):
         fn_constructor_kwargs={"model_id": opts.model, "generation": opts.generation.to_dict(),
                                "batch_size": opts.batch_size, "dtype": opts.dtype,
                                "attn_implementation": opts.attn_implementation, "seed": opts.seed,
-                               "max_length": opts.max_length, "num_gpus": num_gpus, "torch_threads": threads,
-                               "env": env})
+                               "max_length": opts.max_length, "num_gpus": num_gpus, "torch_threads": threads},
+        runtime_env=runtime_env)
 
 
 __all__ = ["CaptionConfig", "caption", "make_plan", "iter_plan_rows", "read_outputs", "output_shards", "read_shard",
