@@ -638,6 +638,7 @@ def caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = None) -
              done_chunks, len(pending))
     errors: collections.Counter = collections.Counter()
     processed = prompt_tokens = generated_tokens = written = 0
+    busy = 0.0
     t_first = None
     engine = cfg.engine
     if engine == "auto":  # recorded as the backend that ran (vllm where installed, else torch)
@@ -674,6 +675,7 @@ def caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = None) -
                 prompt_tokens += int(r["prompt_tokens"])
                 generated_tokens += int(r["generated_tokens"])
                 written += 1
+                busy += float(r["busy_s"])
                 bar.update(int(r["rows"]), sum(errs.values()))
                 if on_chunk is not None:
                     on_chunk(int(r["chunk"]))
@@ -697,6 +699,8 @@ def caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = None) -
         # steady state: from there to the end (rows of the chunks after the first)
         "wall_s": wall, "plan_s": t_plan, "startup_s": startup, "steady_s": steady,
         "steady_images_per_s": (processed - first_rows) / steady if steady > 0 else None,
+        # time the replicas spent on chunks (fetch, open, generate, write), summed over replicas
+        "replica_busy_s": busy, "images_per_replica_busy_s": processed / busy if busy > 0 else None,
         "replicas": [cfg.min_replicas, cfg.max_replicas], "batch_size": cfg.batch_size,
     }
     storage.write_text_atomic(storage.join(cfg.output, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
