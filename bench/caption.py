@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                 (f"pipeline, {args.replicas} replica(s), batch {args.batch_size}", s["images_per_s"],
                  s["steady_images_per_s"])]
         print(f"  speed: loop {loop:.1f} images/s, pipeline {s['images_per_s']:.1f} images/s end to end "
-              f"({s['steady_images_per_s']} steady, start-up {s['startup_s']:.1f}s)", flush=True)
+              f"({s['steady_images_per_s']:.1f} steady, start-up {s['startup_s']:.1f}s; "
+              f"{s['images_per_replica_busy_s']:.1f} images per replica-busy second, {args.replicas} replicas)",
+              flush=True)
         # ---- 2. driver peak RSS vs number of images -----------------------------------------------
         rss = []
         for n in [int(x) for x in args.rss_images.split(",") if x]:
