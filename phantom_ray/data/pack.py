@@ -238,11 +238,10 @@ def _run_ray(job: PackJob, todo: list[tuple[ChunkSpec, list | None]], max_in_fli
         from phantom_ray.runtime import init_ray
 
         init_ray()
-    env = storage.storage_env()
+    env = storage.storage_runtime_env()  # endpoint/region of this process for the tasks
 
     @ray.remote(num_cpus=1, max_retries=2)
-    def task(job, spec, raw, env):
-        os.environ.update(env)
+    def task(job, spec, raw):
         return pack_chunk(job, spec, raw)
 
     limit = max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 2)))
@@ -253,7 +252,7 @@ def _run_ray(job: PackJob, todo: list[tuple[ChunkSpec, list | None]], max_in_fli
             ray.get(ready)
             done += 1
             log.info("packed %d/%d chunks", done, len(todo))
-        pending.append(task.remote(job, spec, raw, env))
+        pending.append(task.options(runtime_env=env).remote(job, spec, raw))
     ray.get(pending)
 
 

@@ -1,10 +1,10 @@
-"""Image loading, dynamic tiling and normalisation (spec section 1.6).
+"""Image loading, dynamic tiling and normalisation (docs/phantom.md#image-tiling).
 
 Everything here is pure PIL + numpy + torch: the same code runs in training workers, Ray Data
 actors and Serve replicas. Two things differ from the reference on purpose:
 
 * the tiling parameters (tile size, min/max tiles, thumbnail) come from the model config instead of
-  being hard-coded (spec H13);
+  being hard-coded (docs/phantom.md#d13-config-fields);
 * normalisation works on the whole resized image at once and slices the tiles out of it, instead of
   running ToTensor + Normalize per tile. The tiles are the same pixels (a tile of the resized image
   is a direct crop), so the tensors match the per-tile path to float rounding.
@@ -106,7 +106,7 @@ def _from_array(x: torch.Tensor | np.ndarray) -> Image.Image:
 
 
 # ------------------------------------------------------------------------------------------------
-# Tiling (spec 1.6)
+# Tiling (docs/phantom.md#image-tiling)
 # ------------------------------------------------------------------------------------------------
 
 def candidate_grids(min_tiles: int = 1, max_tiles: int = 6) -> list[tuple[int, int]]:
@@ -114,7 +114,7 @@ def candidate_grids(min_tiles: int = 1, max_tiles: int = 6) -> list[tuple[int, i
 
     The reference builds a Python set and sorts it by tile count; the sort is stable, so grids with
     the same count keep the set's iteration order. Tuples of small ints hash deterministically in
-    CPython, so rebuilding the set the same way reproduces that order exactly (spec 1.6 step 2)."""
+    CPython, so rebuilding the set the same way reproduces that order exactly (phantom.md#image-tiling)."""
     ratios = set(
         (i, j)
         for n in range(min_tiles, max_tiles + 1)
@@ -128,7 +128,7 @@ def candidate_grids(min_tiles: int = 1, max_tiles: int = 6) -> list[tuple[int, i
 def choose_grid(width: int, height: int, image_size: int = 448, min_tiles: int = 1, max_tiles: int = 6,
                 grids: list[tuple[int, int]] | None = None) -> tuple[int, int]:
     """Closest aspect ratio; exact ties go to the later grid only when the image area exceeds half
-    of that grid's canvas (spec 1.6 step 3)."""
+    of that grid's canvas (docs/phantom.md#image-tiling)."""
     aspect_ratio = width / height
     best_diff = float("inf")
     best = (1, 1)

@@ -1,4 +1,5 @@
-"""Typed arguments of the Serve application (``build_app(args)``), as pydantic models.
+"""Typed arguments of the Serve application (``build_app(args)``), in the one config style
+(:class:`phantom_ray.config.Config`: strict fields, YAML, dotted overrides).
 
 The ``args`` block of a Serve config file (``serve/local-cpu.yaml``, ``serve/gpu-cluster.yaml``,
 the RayService ``serveConfigV2``) is validated here when the application is built: a misspelt or
@@ -10,7 +11,9 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from phantom_ray.config import Config
 
 from phantom_ray.ingest import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
@@ -18,13 +21,13 @@ from phantom_ray.ingest import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(Config):
     """One served model: its checkpoint, how a replica loads it, and how Serve scales it."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="the `model` field requests use to pick this model")
     checkpoint: str = Field(description="a preset name (random weights), a local directory or an s3:// prefix")
+    engine: Literal["auto", "torch", "vllm"] = Field(
+        "auto", description="generation backend (phantom_ray.infer.api.load_engine): auto = vllm where installed")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["eager", "sdpa", "flash"] = "sdpa"
     # replica resources; fractional GPUs let small models share a card
@@ -110,10 +113,8 @@ class ModelSpec(BaseModel):
         return opts
 
 
-class ServeArgs(BaseModel):
+class ServeArgs(Config):
     """The whole application: the models and the HTTP front's request policy."""
-
-    model_config = ConfigDict(extra="forbid")
 
     models: list[ModelSpec] = Field(min_length=1)
     # name of the environment variable holding accepted API keys (comma-separated); None or an unset /
