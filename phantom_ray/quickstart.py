@@ -106,7 +106,9 @@ def run_quickstart(workdir: str, budget_name: str = "full") -> dict:
     t_start = time.perf_counter()
     summary: dict = {"workdir": workdir, "budget": budget_name, "preset": PRESET}
     if not ray.is_initialized():
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False)
+        from phantom_ray.runtime import init_ray
+
+        init_ray(num_cpus=max(2, os.cpu_count() or 2))
 
     stage("synthesise and pack the shapes corpus")
     cfg1 = _train_config(workdir, budget, 1, os.path.join(workdir, "init"))
