@@ -8,9 +8,9 @@ import types
 from pathlib import Path
 
 import pytest
+from eval_synthetic import write_synthetic_benchmark
 
 from phantom_ray.config import ConfigError
-from eval_synthetic import write_synthetic_benchmark
 from phantom_ray.eval.config import EvalConfig
 
 REPO = Path(__file__).resolve().parents[1]
