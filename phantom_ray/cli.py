@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "serve": "phantom_ray.serving.cli",
     "eval": "phantom_ray.eval.cli",
     "quickstart": "phantom_ray.quickstart",
+    "ask": "phantom_ray.ask",
 }
 
 

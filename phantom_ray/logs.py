@@ -76,10 +76,9 @@ class RunLogs:
     def ray_init_kwargs(self, **kw) -> dict:
         """Arguments for ``ray.init``: worker lines to the driver only when verbose (they are always in
         the session's log files); Ray's own Python loggers at INFO into our file."""
-        import ray
-
-        out = {"log_to_driver": self.verbose, "include_dashboard": False,
-               "logging_config": ray.LoggingConfig(encoding="TEXT", log_level="INFO")}
+        # no ``logging_config``: Ray's LoggingConfig replaces the driver's root handlers with a console
+        # one (every INFO record of every library on stderr); attach_ray re-asserts ours regardless
+        out = {"log_to_driver": self.verbose, "include_dashboard": False}
         out.update(kw)
         return out
 
@@ -88,6 +87,7 @@ class RunLogs:
         own progress output (we show one bar per stage) and keep third-party console handlers quiet."""
         import ray
 
+        _install_root(self._handlers)
         try:
             node = ray._private.worker._global_node  # the driver's node: knows the session directory
             session = Path(node.get_session_dir_path()) if node is not None else None
@@ -155,15 +155,44 @@ def _quiet_third_party() -> None:
         transformers.logging.enable_propagation()
     except ImportError:
         pass
-    try:
-        from deepspeed.utils import logger as ds_logger
-
+    if "deepspeed" in sys.modules:  # importing it here would print its accelerator line
+        ds_logger = logging.getLogger("DeepSpeed")
         ds_logger.setLevel(logging.WARNING)
         for h in list(ds_logger.handlers):
             ds_logger.removeHandler(h)
         ds_logger.propagate = True
+
+
+def _install_root(handlers: list) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(logging.INFO)
+
+
+def _import_quietly(name: str) -> None:
+    """Import ``name`` with its import-time console output captured into the log (DeepSpeed builds
+    its logger with a handler on the stdout of the moment: that handler is dropped afterwards)."""
+    import contextlib
+    import importlib
+    import io
+
+    if name in sys.modules:
+        return
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            importlib.import_module(name)
     except ImportError:
-        pass
+        return
+    finally:
+        text = buf.getvalue().strip()
+        if text:
+            logging.getLogger(f"{OUR_LOGGER}.imports").info("importing %s printed:\n%s", name, text)
 
 
 def default_log_dir(name: str) -> Path:
@@ -174,17 +203,17 @@ def default_log_dir(name: str) -> Path:
 
 
 def setup_logging(run_dir: str | os.PathLike | None = None, *, verbose: bool = False, name: str = "phantom-ray",
-                  announce: bool = True) -> RunLogs:
+                  announce: bool = True, quiet_imports: tuple[str, ...] = ()) -> RunLogs:
     """Configure this process's logging for one run; the log files go to ``<run_dir>/logs`` (or a
-    per-run directory under ``~/.cache/phantom_ray/logs`` when ``run_dir`` is None)."""
+    per-run directory under ``~/.cache/phantom_ray/logs`` when ``run_dir`` is None).
+
+    ``quiet_imports``: libraries the run will use that talk while being imported (``deepspeed``
+    announces its accelerator on stdout): imported here with that output sent to the log file."""
     verbose = verbose or is_verbose()
     log_dir = Path(run_dir) / "logs" if run_dir is not None else default_log_dir(name)
     log_dir = log_dir.resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
     logfile = log_dir / "phantom_ray.log"
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
     fh = logging.FileHandler(logfile, encoding="utf-8")
     fh.setFormatter(logging.Formatter(_FORMAT))
     fh.setLevel(logging.INFO)
@@ -192,15 +221,15 @@ def setup_logging(run_dir: str | os.PathLike | None = None, *, verbose: bool = F
     ch.setFormatter(logging.Formatter(_FORMAT if verbose else "%(levelname)s %(name)s: %(message)s"))
     if not verbose:
         ch.addFilter(_ConsoleFilter())
-    root.addHandler(fh)
-    root.addHandler(ch)
-    root.setLevel(logging.INFO)
+    _install_root([fh, ch])
     logging.captureWarnings(True)  # Python warnings -> "py.warnings" logger -> file (console: verbose only)
     if not verbose:
         # child processes (Ray workers started from here) inherit these: quiet libraries there too
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        for name in quiet_imports:
+            _import_quietly(name)
         _quiet_third_party()
     logs = RunLogs(dir=log_dir, verbose=verbose, file=logfile, _handlers=[fh, ch])
     if announce:
