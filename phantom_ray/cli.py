@@ -46,10 +46,28 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    # a Ray task error carries the remote traceback in its text: its cause says it in one line
+    cause = getattr(exc, "cause", None)
+    text = str(cause if isinstance(cause, BaseException) else exc).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    from phantom_ray.config import ConfigError
+
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ConfigError) as exc:
+        # a missing model, file or config field is the user's to fix: one line, no traceback
+        # (-v keeps the traceback for a bug report)
+        if getattr(args, "verbose", False):
+            raise
+        print(f"phantom-ray {args.command}: {_one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -82,6 +82,27 @@ class RunLogs:
         out.update(kw)
         return out
 
+    def init_ray(self, address: str | None = None, **kw):
+        """Start (or join, or reuse) Ray for this run with :meth:`ray_init_kwargs`, then
+        :meth:`attach_ray`. Goes through ``phantom_ray.runtime.init_ray`` where it exists."""
+        import ray
+
+        if not self.verbose:
+            _quiet_third_party()  # ray's logger got its console handler on import: "Started a local Ray..."
+        if not ray.is_initialized():
+            kw = self.ray_init_kwargs(**kw)
+            try:
+                from phantom_ray.runtime import init_ray
+            except ImportError:
+                if address is not None:
+                    kw.pop("include_dashboard", None)
+                    kw.pop("num_cpus", None)
+                ray.init(address=address, **kw)
+            else:
+                init_ray(address, **kw)
+        self.attach_ray()
+        return ray
+
     def attach_ray(self) -> None:
         """After ``ray.init``: point ``<log dir>/ray-session`` at this session's logs, turn off Ray Data's
         own progress output (we show one bar per stage) and keep third-party console handlers quiet."""

@@ -272,9 +272,7 @@ def run_quickstart(workdir: str, budget_name: str = "full", verbose: bool = Fals
     stage = _Stages(7)
     t_start = time.perf_counter()
     summary: dict = {"workdir": workdir, "budget": budget_name, "preset": PRESET, "logs": str(logs.dir)}
-    if not ray.is_initialized():
-        ray.init(**logs.ray_init_kwargs(num_cpus=max(2, os.cpu_count() or 2)))
-    logs.attach_ray()
+    logs.init_ray(num_cpus=max(2, os.cpu_count() or 2))
     session = str(logs.ray_session) if logs.ray_session else None
     try:
         stage("synthesise and pack the shapes corpus")

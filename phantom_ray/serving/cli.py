@@ -18,8 +18,12 @@ import threading
 
 
 def register(subparsers) -> None:
+    from phantom_ray.logs import add_verbose_flag
+
     p = subparsers.add_parser("serve", help="serve Phantom models over an OpenAI-compatible HTTP API",
-                              description=__doc__.splitlines()[0])
+                              description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="example:\n  phantom-ray serve --config serve/local-cpu.yaml --port 8000")
+    add_verbose_flag(p)
     p.add_argument("--config", required=True, help="Serve config YAML (e.g. serve/local-cpu.yaml)")
     p.add_argument("--host", default=None, help="HTTP host (default: the file's http_options.host or 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: the file's http_options.port or 8000)")
@@ -63,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from phantom_ray.logs import setup_logging
+
+    logs = setup_logging(None, verbose=args.verbose, name="serve")
     try:
         schema = load_serve_config(args.config)
     except (OSError, ValueError) as exc:
@@ -75,12 +82,15 @@ def run(args: argparse.Namespace) -> int:
         env_vars.update((app.runtime_env or {}).get("env_vars", {}))
     os.environ.update(env_vars)  # the replicas are started from this process's environment
     init_kwargs = {"address": args.address} if args.address else {"num_cpus": args.num_cpus}
-    ray.init(**init_kwargs, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
+    ray.init(**init_kwargs, runtime_env={"env_vars": env_vars} if env_vars else None,
+             log_to_driver=logs.verbose)
+    logs.attach_ray()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port,
-                                  "request_timeout_s": schema.http_options.request_timeout_s})
+                                  "request_timeout_s": schema.http_options.request_timeout_s},
+                    logging_config=logs.serve_logging_config())
         for app in schema.applications:
             serve.run(_build(app), name=app.name, route_prefix=app.route_prefix, blocking=False)
         names = ", ".join(a.name for a in schema.applications)
@@ -93,4 +103,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+        logs.close()
     return 0
