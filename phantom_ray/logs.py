@@ -109,6 +109,8 @@ class RunLogs:
         import ray
 
         _install_root(self._handlers)
+        if not self.verbose:
+            _route_raylet_messages()
         try:
             node = ray._private.worker._global_node  # the driver's node: knows the session directory
             session = Path(node.get_session_dir_path()) if node is not None else None
@@ -182,6 +184,29 @@ def _quiet_third_party() -> None:
         for h in list(ds_logger.handlers):
             ds_logger.removeHandler(h)
         ds_logger.propagate = True
+
+
+def _route_raylet_messages() -> None:
+    """Ray prints the raylet's messages to the driver (``(raylet) WARNING: 8 PYTHON worker processes
+    have been started...``) straight to stdout, whatever ``log_to_driver`` says. Quiet console: they
+    go to the log file as ``ray.raylet`` records, at ERROR (console too) when they report an error or a
+    killed worker. Worker lines (verbose mode) still go through Ray's own printer."""
+    import ray._private.worker as rw
+
+    original = getattr(rw, "print_to_stdstream", None)
+    if original is None or getattr(original, "_phantom_routed", False):
+        return
+    raylet_log = logging.getLogger("ray.raylet")
+
+    def route(data, ignore_prefix: bool = False):
+        if data.get("pid") != "raylet":
+            return original(data, ignore_prefix)
+        for line in data.get("lines", []):
+            serious = any(w in line for w in ("ERROR", "Error", "killed", "OutOfMemory", "died"))
+            raylet_log.log(logging.ERROR if serious else logging.WARNING, "%s", line)
+
+    route._phantom_routed = True
+    rw.print_to_stdstream = route
 
 
 def _install_root(handlers: list) -> None:
