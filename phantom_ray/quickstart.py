@@ -263,9 +263,8 @@ def run_quickstart(workdir: str, budget_name: str = "full", verbose: bool = Fals
 
     from phantom_ray.data.synth import LAYOUT_FILES
     from phantom_ray.infer.caption import CaptionConfig, caption, read_outputs
-    from phantom_ray.infer.engine import GenerationConfig
-    from phantom_ray.model import PhantomForCausalLM
-    from phantom_ray.processing import load_tokenizer
+    from phantom_ray.infer.api import SamplingParams
+    from phantom_ray.loader import local_model_dir
     from phantom_ray.train.evaluate import choice_accuracy
     from phantom_ray.train.ray_trainer import plan_steps, prepare_synthetic, run_training
 
@@ -288,9 +287,9 @@ def run_quickstart(workdir: str, budget_name: str = "full", verbose: bool = Fals
         stage("initial model and its held-out accuracy")
         init_dir = os.path.join(workdir, "init")
         if not os.path.exists(os.path.join(init_dir, "config.json")):
-            model = PhantomForCausalLM.from_preset(PRESET, seed=0)
-            model.save_pretrained(init_dir)
-            load_tokenizer(PRESET, model.config).save_pretrained(init_dir)
+            # the preset's random weights + tiny tokenizer, written once into the cache by the loader
+            shutil.copytree(local_model_dir(PRESET, seed=0), init_dir, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(".complete"))
         items_before: list[dict] = []
         before = choice_accuracy(init_dir, heldout, limit=budget.eval_limit, items=items_before)
         summary["accuracy_before"] = before
@@ -344,7 +343,7 @@ def run_quickstart(workdir: str, budget_name: str = "full", verbose: bool = Fals
         cap_out = os.path.join(workdir, "captions")
         cap_summary = caption(CaptionConfig(
             input=images_dir, output=cap_out, model=export, prompt="Describe the image.",
-            generation=GenerationConfig(max_new_tokens=budget.max_new_tokens), batch_size=8, min_replicas=1,
+            generation=SamplingParams(max_tokens=budget.max_new_tokens), batch_size=8, min_replicas=1,
             max_replicas=1, num_gpus=0, num_cpus=0.5, decode_num_cpus=0.25, shard_size=16, progress=False))
         rows = read_outputs(cap_out)
         captions = {os.path.basename(r["image_uri"]): r["caption"] or f"(error: {r.get('error')})" for r in rows}

@@ -212,23 +212,11 @@ def read_packed(cfg: DataConfig, epoch: int = 0):
 def default_processor_factory(model: str, max_length: int = 2048, **config_overrides):
     """PhantomProcessor for a preset name (``tiny-qwen2``) or a checkpoint directory / s3:// URI;
     ``config_overrides`` (presets only) set PhantomConfig fields, e.g. ``force_image_size=448``."""
-    from phantom_ray.model.config import PhantomConfig, list_presets
-    from phantom_ray.processing import PhantomProcessor, load_tokenizer
+    from phantom_ray.loader import is_preset, load_processor
 
-    if model in list_presets():
-        config = PhantomConfig.from_preset(model, **config_overrides)
-    else:
-        if config_overrides:
-            raise ValueError(f"config overrides {sorted(config_overrides)} apply to presets only, not {model!r}")
-        import os
-        import tempfile
-
-        cfg_uri = storage.join(model, "config.json")
-        local = os.path.join(tempfile.mkdtemp(prefix="phantom-cfg-"), "config.json")
-        with open(local, "wb") as fh:
-            fh.write(storage.read_bytes(cfg_uri))
-        config = PhantomConfig.from_json_file(local)
-    return PhantomProcessor(config, load_tokenizer(model, config), max_length=max_length)
+    if config_overrides and not is_preset(model):
+        raise ValueError(f"config overrides {sorted(config_overrides)} apply to presets only, not {model!r}")
+    return load_processor(model, max_length, None, **config_overrides)
 
 
 def _ids(t) -> list[int]:

@@ -15,11 +15,11 @@ import sys
 
 def _predict_fn(args: argparse.Namespace):
     try:
-        from phantom_ray.infer import make_predict_fn
+        from phantom_ray.eval.predict import make_predict_fn
     except ImportError as exc:
         print(f"phantom-ray eval: the generation path is unavailable (cannot import "
-              f"phantom_ray.infer.make_predict_fn: {exc}). Install/finish phantom_ray.infer, or call "
-              f"phantom_ray.eval.run_eval with your own predict_fn.", file=sys.stderr)
+              f"phantom_ray.eval.predict.make_predict_fn: {exc}). Install the engine's dependencies, or "
+              f"call phantom_ray.eval.run_eval with your own predict_fn.", file=sys.stderr)
         return None
     return make_predict_fn(args.model, num_beams=args.num_beams, batch_size=args.batch_size)
 

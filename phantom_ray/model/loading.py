@@ -33,6 +33,8 @@ INT8_SKIP_FAMILY = {"qwen2": ["q_proj", "k_proj", "v_proj", "lm_head"], "internl
 
 
 def cache_root() -> Path:
+    """The one cache root for every download (checkpoints, tokenizer files, materialised presets):
+    ``$PHANTOM_RAY_CACHE``, default ``~/.cache/phantom_ray``."""
     return Path(os.environ.get("PHANTOM_RAY_CACHE", Path.home() / ".cache" / "phantom_ray"))
 
 
@@ -45,9 +47,12 @@ def resolve_checkpoint(path_or_uri: str) -> Path:
         local = cache_root() / "s3" / key
         marker = local / ".complete"
         if not marker.exists():
+            import shutil
+
             tmp = local.with_name(local.name + f".tmp{os.getpid()}")
             storage.download_dir(str(path_or_uri), str(tmp))
             if not (tmp / "config.json").exists():
+                shutil.rmtree(tmp, ignore_errors=True)
                 raise FileNotFoundError(f"{path_or_uri} has no config.json: not a Phantom checkpoint")
             (tmp / ".complete").write_text(str(path_or_uri))
             if local.exists():
@@ -67,7 +72,8 @@ def resolve_checkpoint(path_or_uri: str) -> Path:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(str(path_or_uri), allow_patterns=["*.json", "*.safetensors", *_SIDE_FILES]))
+            return Path(snapshot_download(str(path_or_uri), allow_patterns=["*.json", "*.safetensors", *_SIDE_FILES],
+                                          cache_dir=str(cache_root() / "hub")))
         except Exception as exc:  # network errors come in many types; say what was tried
             raise OSError(f"could not fetch {path_or_uri!r} from the hub (no network?): {exc}") from exc
     raise FileNotFoundError(f"checkpoint {path_or_uri!r} is neither a local directory, an s3:// URI nor a hub id")

@@ -23,6 +23,8 @@ class ModelSpec(BaseModel):
 
     name: str = Field(description="the `model` field requests use to pick this model")
     checkpoint: str = Field(description="a preset name (random weights), a local directory or an s3:// prefix")
+    engine: Literal["auto", "torch", "vllm"] = Field(
+        "auto", description="generation backend (phantom_ray.infer.api.load_engine): auto = vllm where installed")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["eager", "sdpa", "flash"] = "sdpa"
     # replica resources; fractional GPUs let small models share a card
