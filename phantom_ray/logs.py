@@ -72,6 +72,47 @@ class RunLogs:
     ray_session: Path | None = None
     _handlers: list = field(default_factory=list)
     _closed: bool = False
+    _saved_stderr_fd: int | None = None
+
+    def capture_native_stderr(self) -> None:
+        """Send what native code writes to file descriptor 2 (Ray's C++ core worker in this process:
+        ``core_worker.cc:... Actor with class name ...``) to ``<log dir>/native-stderr.log``, while
+        Python's ``sys.stderr`` (our warnings, progress bars) keeps writing to the terminal."""
+        if self.verbose or self._saved_stderr_fd is not None:
+            return
+        try:
+            sys.stderr.flush()
+            if sys.stderr.fileno() != 2:
+                return
+        except (AttributeError, OSError, ValueError):  # stderr replaced by a non-file (a test's capture)
+            return
+        saved = os.dup(2)
+        with open(self.dir / "native-stderr.log", "ab") as native:
+            os.dup2(native.fileno(), 2)
+        self._saved_stderr_fd = saved
+        console = os.fdopen(os.dup(saved), "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+                            errors="backslashreplace")
+        sys.stderr = console
+        for h in self._handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.setStream(console)
+
+    def _restore_stderr(self) -> None:
+        if self._saved_stderr_fd is None:
+            return
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        os.dup2(self._saved_stderr_fd, 2)
+        os.close(self._saved_stderr_fd)
+        self._saved_stderr_fd = None
+        replaced, sys.stderr = sys.stderr, sys.__stderr__
+        for h in self._handlers:
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                h.setStream(sys.stderr)
+        if replaced is not sys.__stderr__:
+            replaced.close()
 
     def ray_init_kwargs(self, **kw) -> dict:
         """Arguments for ``ray.init``: worker lines to the driver only when verbose (they are always in
@@ -89,6 +130,7 @@ class RunLogs:
 
         if not self.verbose:
             _quiet_third_party()  # ray's logger got its console handler on import: "Started a local Ray..."
+            self.capture_native_stderr()
         if not ray.is_initialized():
             kw = self.ray_init_kwargs(**kw)
             try:
@@ -155,6 +197,7 @@ class RunLogs:
                 logging.getLogger(__name__).warning("could not copy Ray's logs from %s: %s", self.ray_session, exc)
         for h in self._handlers:
             h.flush()
+        self._restore_stderr()
 
 
 def _quiet_third_party() -> None:

@@ -177,8 +177,8 @@ class _TrainProgress:
         self.thread.join()
         self._poll()
         self.bar.close()
-        recs = self.records()
-        self.seen_files.update(r["_file"] for r in recs if "_file" in r)
+        self.final = self.records()  # this run's points, before its log files join the seen ones
+        self.seen_files.update(r["_file"] for r in self.final if "_file" in r)
 
 
 def write_curves(path: str, step1: list[dict], step2: list[dict], before: float | None, after: float | None,
@@ -301,13 +301,13 @@ def run_quickstart(workdir: str, budget_name: str = "full", verbose: bool = Fals
         with _TrainProgress(os.path.join(workdir, "runs", "step1"), session, plan_steps(cfg1)[1],
                             "train step 1", seen) as p1:
             m1 = run_training(cfg1)
-        curve1 = p1.records()
+        curve1 = p1.final
         cfg2 = _train_config(workdir, budget, 2, m1["export"])
         stage("train step 2 (all parameters) from step 1's export")
         with _TrainProgress(os.path.join(workdir, "runs", "step2"), session, plan_steps(cfg2)[1],
                             "train step 2", seen) as p2:
             m2 = run_training(cfg2)
-        curve2 = p2.records()
+        curve2 = p2.final
         export = m2["export"]
         summary["training"] = {"step1": {k: m1.get(k) for k in ("step", "loss", "export")},
                                "step2": {k: m2.get(k) for k in ("step", "loss", "pref_acc", "export")}}
