@@ -174,6 +174,12 @@ class RunLogs:
                 ctx.enable_rich_progress_bars = False
             _quiet_third_party()
 
+    def quiet(self) -> None:
+        """Re-apply the quiet console after a library installed its own console handler (Ray Serve
+        adds one to ``ray.serve`` in ``serve.start``)."""
+        if not self.verbose:
+            _quiet_third_party()
+
     def serve_logging_config(self) -> dict:
         """Serve's ``logging_config`` (controller, proxy, replicas): warnings only unless verbose."""
         return {"encoding": "TEXT", "log_level": "INFO" if self.verbose else "WARNING", "enable_access_log": self.verbose}
@@ -245,7 +251,11 @@ def _route_raylet_messages() -> None:
         if data.get("pid") != "raylet":
             return original(data, ignore_prefix)
         for line in data.get("lines", []):
-            serious = any(w in line for w in ("ERROR", "Error", "killed", "OutOfMemory", "died"))
+            # an out-of-memory kill or a crashed worker matters; Ray's own shutdown of actors it
+            # killed on purpose ("... killed by `ray.kill`", at serve.shutdown) does not
+            serious = (any(w in line for w in ("OutOfMemory", "out of memory", "SIGSEGV", "segmentation fault",
+                                               "unexpectedly"))
+                       and "ray.kill" not in line)
             raylet_log.log(logging.ERROR if serious else logging.WARNING, "%s", line)
 
     route._phantom_routed = True

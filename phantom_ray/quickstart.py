@@ -361,7 +361,7 @@ def run_quickstart(workdir: str, budget_name: str = "full", verbose: bool = Fals
 
         stage("serve the model (Ray Serve, OpenAI-compatible API) and send one request")
         first = os.path.join(images_dir, os.path.basename(src_images[0])) if src_images else None
-        summary["serve"] = _serve_and_ask(export, first, logs.serve_logging_config())
+        summary["serve"] = _serve_and_ask(export, first, logs)
         print(f"served answer: {summary['serve']['answer']!r}")
         summary["wall_s"] = round(time.perf_counter() - t_start, 1)
         with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -377,18 +377,22 @@ def _num(v) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) else str(v)
 
 
-def _serve_and_ask(export: str, image_path: str | None, logging_config: dict | None = None) -> dict:
+def _serve_and_ask(export: str, image_path: str | None, logs) -> dict:
     from openai import OpenAI
     from ray import serve
 
     from phantom_ray.serving.app import build_app
 
     port = _free_port()
+    logs.quiet()  # importing ray.serve gave the "ray.serve" logger a console handler
+    logging_config = logs.serve_logging_config()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
+    logs.quiet()
     try:
         app = build_app({"models": [{"name": "phantom-quickstart", "checkpoint": export, "num_cpus": 0.5,
                                      "max_batch_size": 4}], "ingress_num_cpus": 0.25})
         serve.run(app, name="quickstart", route_prefix="/", logging_config=logging_config)
+        logs.quiet()
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
         content: list[dict] = [{"type": "text", "text": "What colour is the shape?"}]
         if image_path:

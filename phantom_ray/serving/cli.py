@@ -91,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": host, "port": port,
                                   "request_timeout_s": schema.http_options.request_timeout_s},
                     logging_config=logs.serve_logging_config())
+        logs.quiet()  # serve.start gave the "ray.serve" logger a console handler
         for app in schema.applications:
             serve.run(_build(app), name=app.name, route_prefix=app.route_prefix, blocking=False)
         names = ", ".join(a.name for a in schema.applications)
