@@ -183,27 +183,48 @@ class _TrainProgress:
 
 def write_curves(path: str, step1: list[dict], step2: list[dict], before: float | None, after: float | None,
                  chance: float | None) -> str:
-    """Loss and preference accuracy of both training steps over one step axis (step 2 after step 1)."""
+    """Loss and preference accuracy of both training steps, side by side (each on its own step axis:
+    step 1 is short); the held-out accuracy before/after training is marked on step 2's accuracy."""
+    import tempfile
+
+    from PIL import Image
+
     from phantom_ray.plots import Panel, Series, line_chart
 
-    off = max((r["step"] for r in step1), default=0)
-
-    def series(recs, key, label, color, shift=0):
-        pts = [(r["step"] + shift, r[key]) for r in recs if isinstance(r.get(key), (int, float))]
+    def series(recs, key, label, color):
+        pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))]
         return Series(label, [p[0] for p in pts], [p[1] for p in pts], color=color)
 
-    acc_lines = [(v, f"{name} {v:.2f}") for v, name in ((chance, "held-out chance"), (before, "held-out before"),
-                                                         (after, "held-out after")) if v is not None]
-    panels = [
-        Panel("training loss (SFT + preference terms)", [series(step1, "loss", "step 1", "#1f77b4"),
-                                                         series(step2, "loss", "step 2", "#ff7f0e", off)],
-              ylabel="loss", vlines=[(off + 0.5, "step 2 starts")] if step1 and step2 else []),
-        Panel("preference accuracy of the training batch (chosen beats rejected)",
-              [series(step1, "pref_accuracy", "step 1", "#1f77b4"),
-               series(step2, "pref_accuracy", "step 2", "#ff7f0e", off)],
-              ylabel="accuracy", ylim=(0.0, 1.05), hlines=acc_lines),
-    ]
-    return line_chart(path, panels, title="quickstart training: step 1 (projector + phantom) then step 2 (all)")
+    def smoothed(s: Series, window: int = 5) -> list[Series]:
+        # batch accuracy over 8 samples is noisy: the raw points light, a moving average on top
+        if len(s.y) < 2 * window:
+            return [s]
+        avg = [sum(s.y[max(0, i - window + 1): i + 1]) / len(s.y[max(0, i - window + 1): i + 1]) for i in range(len(s.y))]
+        light = {"#1f77b4": "#a9cbe6", "#ff7f0e": "#f5c79a"}.get(s.color, "#cccccc")
+        return [Series("per report", s.x, s.y, color=light), Series(f"mean of {window}", s.x, avg, color=s.color)]
+
+    held = [(v, f"{name} {v:.2f}") for v, name in ((chance, "held-out chance"), (before, "held-out before"),
+                                                   (after, "held-out after")) if v is not None]
+    charts = []
+    with tempfile.TemporaryDirectory(prefix="phantom-curves-") as d:
+        for i, (recs, color, title, acc_lines) in enumerate((
+                (step1, "#1f77b4", "step 1: vision projector + phantom modules", []),
+                (step2, "#ff7f0e", "step 2: all parameters (from step 1's export)", held))):
+            p = os.path.join(d, f"s{i}.png")
+            line_chart(p, [Panel("training loss (SFT + preference terms)", [series(recs, "loss", "loss", color)],
+                                 ylabel="loss"),
+                           Panel("preference accuracy of the batch", smoothed(series(recs, "pref_accuracy",
+                                                                                      "accuracy", color)),
+                                 ylabel="accuracy", ylim=(0.0, 1.05), hlines=acc_lines)],
+                       title=title, width=640, panel_height=280)
+            charts.append(Image.open(p).convert("RGB"))
+    out = Image.new("RGB", (sum(c.width for c in charts), max(c.height for c in charts)), "white")
+    x = 0
+    for c in charts:
+        out.paste(c, (x, 0))
+        x += c.width
+    out.save(path, format="PNG")
+    return path
 
 
 def write_gallery(path: str, items: list[dict], captions: dict[str, str], before: dict[str, str],
