@@ -264,8 +264,11 @@ def _route_raylet_messages() -> None:
 
 def _install_root(handlers: list) -> None:
     root = logging.getLogger()
+    consoles = {id(x) for x in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__)}
     for h in list(root.handlers):
-        if h not in handlers:
+        # other console handlers (basicConfig's, Ray's LoggingConfig's) go; handlers that capture
+        # elsewhere (a test's log capture, a user's file) stay
+        if h not in handlers and isinstance(h, logging.StreamHandler) and id(getattr(h, "stream", None)) in consoles:
             root.removeHandler(h)
     for h in handlers:
         if h not in root.handlers:
