@@ -264,12 +264,7 @@ class Preprocess:
     """map_batches callable class: builds the processor once per actor, processes rows, writes the
     rows that fail to ``errors_uri`` (one small parquet file per batch with failures)."""
 
-    def __init__(self, processor_factory: Callable[[], Any], task: str, pixel_dtype: str, errors_uri: str,
-                 env: dict[str, str] | None = None):
-        import os
-
-        if env:
-            os.environ.update(env)
+    def __init__(self, processor_factory: Callable[[], Any], task: str, pixel_dtype: str, errors_uri: str):
         self.processor = processor_factory()
         self.task, self.pixel_dtype, self.errors_uri = task, pixel_dtype, errors_uri
         self.errors_cls = _error_classes()
@@ -322,8 +317,9 @@ def build_train_dataset(cfg: DataConfig, epoch: int = 0, *, preprocess: bool = T
     return ds.map_batches(
         Preprocess, batch_format="pyarrow", batch_size=cfg.preprocess_batch_size,
         fn_constructor_kwargs={"processor_factory": factory, "task": cfg.task, "pixel_dtype": cfg.pixel_dtype,
-                               "errors_uri": cfg.errors_uri(epoch), "env": storage.storage_env()},
-        compute=ActorPoolStrategy(size=cfg.num_preprocess_tasks), num_cpus=cfg.preprocess_num_cpus)
+                               "errors_uri": cfg.errors_uri(epoch)},
+        compute=ActorPoolStrategy(size=cfg.num_preprocess_tasks), num_cpus=cfg.preprocess_num_cpus,
+        runtime_env=storage.storage_runtime_env())
 
 
 # ---- per worker ------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Benchmark evaluation for Phantom (spec section 7): loaders, parsers, scorers, judge, results.
+"""Benchmark evaluation for Phantom (docs/phantom.md#evaluation): loaders, parsers, scorers, judge, results.
 
     from phantom_ray.eval import run_eval, load_benchmark, score_benchmark
     results = run_eval("sqa,pope", "/data/eval", "/tmp/eval_out", predict_fn)

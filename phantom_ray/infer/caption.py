@@ -417,7 +417,9 @@ def _ensure_ray(address: str | None = None):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
+        from phantom_ray.runtime import init_ray
+
+        init_ray(address=address)
     return ray
 
 

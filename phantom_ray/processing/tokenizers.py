@@ -193,7 +193,7 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if add_special_tokens:
-            raise NotImplementedError("Phantom prompts never add BOS/EOS (spec 4.2)")
+            raise NotImplementedError("Phantom prompts never add BOS/EOS (docs/phantom.md#prompts)")
         parts = self._split_re.split(text) if self._split_re is not None else [text]
         ids: list[int] = []
         for part in parts:

@@ -290,7 +290,9 @@ def run_training(cfg: TrainConfig, *, debug: dict | None = None) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        ray.init()
+        from phantom_ray.runtime import init_ray
+
+        init_ray()
     prepare_synthetic(cfg)
     per_epoch, total = plan_steps(cfg)
     log.info("training %s: %d steps per epoch, %d steps in all", cfg.run.name, per_epoch, total)
