@@ -410,7 +410,10 @@ def _serve_and_ask(export: str, image_path: str | None, logs) -> dict:
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
     logs.quiet()
     try:
+        # the torch engine: the numerical reference, and what a CPU laptop runs without vLLM's CPU build
+        # (engine "auto" picks vLLM wherever it is installed; `phantom-ray serve` configs choose freely)
         app = build_app({"models": [{"name": "phantom-quickstart", "checkpoint": export, "num_cpus": 0.5,
+                                     "engine": "torch",
                                      "max_batch_size": 4}], "ingress_num_cpus": 0.25})
         serve.run(app, name="quickstart", route_prefix="/", logging_config=logging_config)
         logs.quiet()
