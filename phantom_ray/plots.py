@@ -121,10 +121,12 @@ def line_chart(path: str, panels: list[Panel], title: str = "", width: int = 900
             for yy in range(int(ptop), int(pbot), 8):
                 d.line([(X(v), yy), (X(v), min(yy + 4, pbot))], fill="#888888")
             _text(d, (X(v) + 4, ptop + 4), label, f_tick, fill="#666666")
-        for v, label in p.hlines:
+        for k, (v, label) in enumerate(p.hlines):
             for xx in range(int(left), int(right), 8):
                 d.line([(xx, Y(v)), (min(xx + 4, right), Y(v))], fill="#aa3333")
-            _text(d, (right - 4, Y(v) - 4), label, f_tick, anchor="rb", fill="#aa3333")
+            # labels alternate right/left so that two close lines (chance 0.28, before 0.30) stay legible
+            at, anchor = ((right - 4, "rb") if k % 2 == 0 else (left + 4, "lb"))
+            _text(d, (at, Y(v) - 4), label, f_tick, anchor=anchor, fill="#aa3333")
         ly = ptop + 4
         for j, s in enumerate(p.series):
             color = s.color or PALETTE[j % len(PALETTE)]
