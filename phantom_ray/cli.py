@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "serve": "phantom_ray.serving.cli",
     "eval": "phantom_ray.eval.cli",
     "quickstart": "phantom_ray.quickstart",
+    "ask": "phantom_ray.ask",
 }
 
 
@@ -51,7 +52,8 @@ def _user_error(exc: BaseException) -> BaseException | None:
     from phantom_ray.config import ConfigError
     from phantom_ray.ingest import InputError
 
-    user_errors: tuple[type[BaseException], ...] = (InputError, ConfigError, FileNotFoundError)
+    user_errors: tuple[type[BaseException], ...] = (InputError, ConfigError, FileNotFoundError, NotADirectoryError,
+                                                    IsADirectoryError, PermissionError)
     seen = 0
     while exc is not None and seen < 8:
         if isinstance(exc, user_errors):
@@ -71,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except Exception as exc:  # noqa: BLE001 - re-raised unless it is a user error
         err = _user_error(exc)
-        if err is None:
-            raise
+        if err is None or getattr(args, "verbose", False):
+            raise  # a bug, or -v: keep the traceback
         msg = " ".join(str(err).split()) or type(err).__name__
         print(f"phantom-ray {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 
@@ -78,12 +77,15 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from phantom_ray.infer.caption import _ensure_ray, caption, format_summary
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from phantom_ray.logs import setup_logging
+
+    logs = setup_logging(None, verbose=args.verbose, name="caption")
     try:
         cfg = config_from_args(args)
     except ValueError as exc:
         print(f"phantom-ray caption: {exc}", file=sys.stderr)
         return 2
+    logs.init_ray(args.ray_address)
     _ensure_ray(args.ray_address)
     try:
         summary = caption(cfg)
@@ -96,7 +98,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from phantom_ray.logs import add_verbose_flag
+
     p = subparsers.add_parser("caption", help="caption a bucket of images with an autoscaled Ray Data pipeline",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="example (after `make quickstart`):\n  phantom-ray caption --input .phantom_ray_quickstart/"
+                                     "caption-input --output /tmp/captions --model .phantom_ray_quickstart/step2-export "
+                                     "--max-new-tokens 8")
     add_arguments(p)
+    add_verbose_flag(p)
     p.set_defaults(func=run)

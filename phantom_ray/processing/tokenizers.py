@@ -337,9 +337,26 @@ def load_tokenizer(path_or_preset: str, config: PhantomConfig | None = None):
     return tok
 
 
+@functools.cache
+def _register_phantom_config() -> None:
+    """Tell transformers' AutoConfig that ``model_type: phantom`` (our config.json) exists.
+
+    AutoTokenizer reads the checkpoint's config.json to pick a tokenizer class; an unknown model type
+    made it fall back to the base config class (model type ``""``) and warn "You are using a model of
+    type `phantom` to instantiate a model of type ``" on every load. A config class that carries our
+    model type is the cause's fix; the tokenizer class still comes from tokenizer_config.json."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    class PhantomHFConfig(PretrainedConfig):
+        model_type = "phantom"
+
+    AutoConfig.register("phantom", PhantomHFConfig, exist_ok=True)
+
+
 def _load_fast(d: Path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    _register_phantom_config()
     try:
         tok = AutoTokenizer.from_pretrained(str(d), trust_remote_code=False, padding_side="left")
     except (ValueError, OSError, KeyError, ImportError):
