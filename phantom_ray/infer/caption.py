@@ -878,7 +878,7 @@ def _ensure_ray(address: str | None = None):
     if not ray.is_initialized():
         from phantom_ray.runtime import init_ray
 
-        init_ray(address=address)
+        init_ray(address=address, log_to_driver=False)
     return ray
 
 

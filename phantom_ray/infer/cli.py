@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 
@@ -68,8 +67,11 @@ def config_from_args(args: argparse.Namespace):
     """Flags -> CaptionConfig (validated; paths canonicalised here, on the driver)."""
     from phantom_ray.infer.caption import CaptionConfig
 
+    # the sampling seed is part of the recorded settings only when sampling (temperature > 0), so greedy
+    # runs record the same settings however launched (CLI or Python API)
     sampling = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-                "top_k": args.top_k, "num_beams": args.num_beams, "seed": args.seed, "stop": list(args.stop)}
+                "top_k": args.top_k, "num_beams": args.num_beams,
+                "seed": args.seed if args.temperature > 0 else None, "stop": list(args.stop)}
     return CaptionConfig.from_dict(dict(
         input=args.input, output=args.output, model=args.model, engine=args.engine, prompt=args.prompt,
         prompt_column=args.prompt_column, image_column=args.image_column, sampling=sampling,
@@ -83,12 +85,15 @@ def config_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from phantom_ray.infer.caption import _ensure_ray, caption, format_summary
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from phantom_ray.logs import setup_logging
+
+    logs = setup_logging(None, verbose=getattr(args, "verbose", False), name="caption")  # jobs/caption.py has no -v
     try:
         cfg = config_from_args(args)
     except ValueError as exc:  # ConfigError, SamplingParams' checks
         print(f"phantom-ray caption: {exc}", file=sys.stderr)
         return 2
+    logs.init_ray(args.ray_address)
     _ensure_ray(args.ray_address)
     try:
         summary = caption(cfg)
@@ -101,7 +106,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from phantom_ray.logs import add_verbose_flag
+
     p = subparsers.add_parser("caption", help="caption a bucket of images with an autoscaled Ray Data pipeline",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="example (after `make quickstart`):\n  phantom-ray caption --input .phantom_ray_quickstart/"
+                                     "caption-input --output /tmp/captions --model .phantom_ray_quickstart/step2-export "
+                                     "--max-new-tokens 8")
     add_arguments(p)
+    add_verbose_flag(p)
     p.set_defaults(func=run)

@@ -16,7 +16,9 @@ import torch
 from phantom_ray import storage
 
 
-def choice_accuracy(model_dir: str, triples_uri: str, limit: int | None = None) -> dict:
+def choice_accuracy(model_dir: str, triples_uri: str, limit: int | None = None, items: list | None = None) -> dict:
+    """Held-out answer accuracy: the option with the highest log-probability counts as the answer.
+    ``items``, when given, receives one dict per question (image, question, answer, chosen, correct)."""
     from phantom_ray.data.synth import COLOURS, COUNT_WORDS, SHAPES
     from phantom_ray.loader import load_model
     from phantom_ray.processing.images import load_image
@@ -39,7 +41,11 @@ def choice_accuracy(model_dir: str, triples_uri: str, limit: int | None = None) 
             out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                         phantom_index=batch["phantom_index"])
         logps, _ = sequence_logps(out.logits, batch["labels"])
-        correct += int(options[int(logps.argmax())] == rec["chosen"])
+        answer = options[int(logps.argmax())]
+        correct += int(answer == rec["chosen"])
+        if items is not None:
+            items.append({"image": storage.join(root, rec["image"]), "question": rec["question"], "answer": answer,
+                          "chosen": rec["chosen"], "correct": answer == rec["chosen"]})
         chance += 1 / len(options)
     n = max(1, len(records))
     return {"accuracy": correct / n, "chance": chance / n, "n": len(records)}
