@@ -577,37 +577,20 @@ class ChunkCaptioner:
 # ---- the captioning job ------------------------------------------------------------------------
 
 class _Progress:
-    """A live bar on a terminal (images/s, errors so far); plain lines every ``every_s`` otherwise."""
+    """Images captioned so far, images/s and errors so far, through the one progress helper
+    (``phantom_ray.logs.progress``: a live bar on a terminal, a plain line every 10 s otherwise)."""
 
-    def __init__(self, total: int, enabled: bool, every_s: float = 10.0):
-        self.total, self.enabled, self.every_s = total, enabled, every_s
-        self.done = self.errors = 0
-        self.t0 = self.last = time.perf_counter()
-        self.bar = None
-        if enabled and total and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self.bar = tqdm(total=total, unit="img", desc="captioning", file=sys.stderr, dynamic_ncols=True,
-                                mininterval=1.0, smoothing=0.1)
+    def __init__(self, total: int, enabled: bool):
+        from phantom_ray.logs import progress
+
+        self.errors = 0
+        self.bar = progress(total, "captioning", unit="img", interval=10.0) if enabled and total else None
 
     def update(self, images: int, errors: int) -> None:
-        self.done += images
         self.errors += errors
-        if not self.enabled:
-            return
         if self.bar is not None:
-            self.bar.set_postfix(errors=self.errors, refresh=False)
+            self.bar.set_postfix_str(f"{self.errors} errors", refresh=False)
             self.bar.update(images)
-            return
-        now = time.perf_counter()
-        if now - self.last >= self.every_s or self.done == self.total:
-            self.last = now
-            rate = self.done / (now - self.t0) if now > self.t0 else 0.0
-            print(f"captioning: {self.done}/{self.total} images, {rate:.1f} images/s, {self.errors} errors",
-                  file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
