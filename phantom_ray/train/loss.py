@@ -157,7 +157,7 @@ def segment_sums(token_logps: torch.Tensor, mask: torch.Tensor, sample_index: to
     n = int(num_samples if num_samples is not None else int(sample_index.max()) + 1)
     flat = idx.clamp(min=0).reshape(-1)
     sums = token_logps.new_zeros(n).index_add(0, flat, (token_logps * keep).reshape(-1))
-    counts = token_logps.new_zeros(n).index_add(0, flat, keep.reshape(-1).float())
+    counts = token_logps.new_zeros(n, dtype=torch.float32).index_add(0, flat, keep.reshape(-1).float())
     return sums, counts
 
 
