@@ -255,20 +255,58 @@ class PhantomRecipe:
         return out
 
     def forward_loss(self, batch: dict):
+        """Loss of one (padded or packed) batch. The LM head is applied by the loss, chunk by chunk
+        (``loss.chunk_tokens``), so no (tokens x vocab) logits exist; under ZeRO-3 the head weight
+        is partitioned outside its module's forward, so the model returns logits there and the
+        chunked log-softmax works on those."""
         cfg = self.cfg
         b = self._to_device(batch)
+        packed = "segment_ids" in b
+        lean = cfg.deepspeed.zero_stage != 3
+        extra = {"segment_ids": b["segment_ids"], "position_ids": b.get("position_ids")} if packed else {}
         out = self.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b.get("pixel_values"),
-                          phantom_index=b.get("phantom_index"), image_repeat=int(b.get("image_repeat", 1)))
+                          phantom_index=b.get("phantom_index"), image_repeat=int(b.get("image_repeat", 1)),
+                          return_hidden=lean, **extra)
         paired = int(b.get("image_repeat", 1)) == 2
         has_rejected = None
         if paired:
-            B = b["input_ids"].shape[0] // 2
+            B = int(b["num_samples"]) // 2 if packed else b["input_ids"].shape[0] // 2
             has_rejected = b.get("has_rejected", torch.ones(B, dtype=torch.bool, device=self.device))
         return preference_loss(out.logits, b["labels"], kind=cfg.loss.kind, beta=cfg.loss.beta,
                                gamma=cfg.loss.gamma, pref_weight=cfg.loss.pref_weight, sft_weight=cfg.loss.sft_weight,
                                has_rejected=has_rejected, ref_chosen_logps=b.get("ref_chosen_logps"),
                                ref_rejected_logps=b.get("ref_rejected_logps"),
-                               ignore_index=self.model.config.ignore_index)
+                               ignore_index=self.model.config.ignore_index, hidden=out.hidden_states,
+                               head_weight=self.model.language_model.head.weight if lean else None,
+                               sample_index=b.get("sample_index") if packed else None,
+                               num_samples=int(b["num_samples"]) if packed else None, chunk=cfg.loss.chunk_tokens)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict], max_samples: int | None = None) -> dict[str, float]:
+        """Sample-weighted mean of the loss terms over ``batches`` (this rank's), in eval mode; the
+        sums and counts are all-reduced over ranks, so every rank returns the same numbers."""
+        import torch.distributed as dist
+
+        self.engine.eval()
+        keys = ("loss", "sft_loss", "pref_loss", "reward_margin", "pref_accuracy")
+        sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
+        seen = 0
+        for batch in batches:
+            n = len(batch.get("sample_key") or batch.get("sample_id") or []) or int(batch["input_ids"].shape[0])
+            m = self.forward_loss(batch).metrics()
+            sums[:-1] += torch.tensor([m[k] * n for k in keys], dtype=torch.float64)
+            sums[-1] += n
+            seen += n
+            if max_samples is not None and seen >= max_samples:
+                break
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+            t = sums.to(dev)
+            dist.all_reduce(t)
+            sums = t.cpu()
+        self.engine.train()
+        n = float(sums[-1]) or 1.0
+        return {f"val/{k}": float(sums[i]) / n for i, k in enumerate(keys)} | {"val/samples": float(sums[-1])}
 
     def micro_step(self, batch: dict) -> dict[str, float]:
         """Forward + backward of one micro-batch; the engine steps the optimizer at the boundary."""
@@ -292,7 +330,7 @@ class PhantomRecipe:
         of its micro-batches plus throughput (tokens/s, samples/s, data wait, MFU)."""
         it: Iterator[dict] = iter(batches)
         acc: dict[str, float] = {}
-        n_micro = tokens = samples = 0
+        n_micro = tokens = samples = slots = 0
         wait = 0.0
         t_start = time.perf_counter()
         last = {}
@@ -306,7 +344,8 @@ class PhantomRecipe:
             keys = batch.get("sample_key") or batch.get("sample_id") or []
             m = self.micro_step(batch)
             self.state.consumed.extend(keys)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum())  # real tokens: padding never counts
+            slots += int(batch["attention_mask"].numel())
             samples += len(keys) if keys else int(batch["input_ids"].shape[0])
             n_micro += 1
             for k, v in m.items():
@@ -319,14 +358,22 @@ class PhantomRecipe:
                 last = {k: v / n_micro for k, v in acc.items()}
                 last |= {"step": self.state.step, "epoch": self.state.epoch, "lr": self.scheduler.get_last_lr()[0],
                          "tokens_per_s": tokens / dt, "samples_per_s": samples / dt, "data_wait_s": wait,
-                         "step_time_s": dt, "tokens": tokens, "samples": samples}
+                         "step_time_s": dt, "tokens": tokens, "samples": samples,
+                         "row_fill": tokens / max(1, slots), "grad_norm": self._grad_norm()}
                 if self.peak:
                     last["mfu"] = tokens * self.flops_per_token / dt / self.peak
                 if on_step is not None:
                     on_step(self, last)
-                acc, n_micro, tokens, samples, wait = {}, 0, 0, 0, 0.0
+                acc, n_micro, tokens, samples, slots, wait = {}, 0, 0, 0, 0, 0.0
                 t_start = time.perf_counter()
         return last
+
+    def _grad_norm(self) -> float:
+        """Global gradient norm of the last optimizer step (before clipping), NaN when unknown."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return float("nan")
+        return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def save(self, directory: str, extra: dict | None = None) -> None:
