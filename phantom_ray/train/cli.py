@@ -23,16 +23,21 @@ def run(args: argparse.Namespace) -> int:
     from phantom_ray.train.config import TrainConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = TrainConfig.from_yaml(args.config, overrides=args.overrides)
+    # relative paths (shards, storage, export, init_from, ...) mean the launch directory: resolve
+    # them here, on the driver, before Ray moves anything into its session folder
+    cfg = TrainConfig.from_yaml(args.config, overrides=args.overrides).resolved()
     if args.dry_run:
         print(cfg.to_yaml())
         return 0
     import ray
 
+    from phantom_ray import storage
     from phantom_ray.train.ray_trainer import run_training
 
     if not ray.is_initialized():
-        ray.init(address=args.address)
+        # S3 settings reach every worker and Ray Data actor through the job's runtime_env
+        ray.init(address=args.address, runtime_env={"env_vars": storage.storage_env()},
+                 **({} if args.address else {"include_dashboard": False}))
     metrics = run_training(cfg)
     ray.shutdown()  # flush the workers' log lines first, so that the export path is the last line
     summary = {k: v for k, v in metrics.items() if not k.endswith("_per_worker")}

@@ -17,15 +17,22 @@ from phantom_ray import storage
 
 
 def choice_accuracy(model_dir: str, triples_uri: str, limit: int | None = None) -> dict:
-    from phantom_ray.data.synth import COLOURS, COUNT_WORDS, SHAPES
     from phantom_ray.model import PhantomForCausalLM
     from phantom_ray.processing import PhantomProcessor, load_tokenizer
+
+    model = PhantomForCausalLM.from_pretrained(model_dir).eval()
+    proc = PhantomProcessor(model.config, load_tokenizer(model_dir, model.config), max_length=512)
+    return choice_accuracy_of(model, proc, triples_uri, limit)
+
+
+def choice_accuracy_of(model, proc, triples_uri: str, limit: int | None = None) -> dict:
+    """:func:`choice_accuracy` of a model in memory (validation during training)."""
+    from phantom_ray.data.synth import COLOURS, COUNT_WORDS, SHAPES
     from phantom_ray.processing.images import load_image
     from phantom_ray.train.loss import sequence_logps
 
     classes = {"colour": list(COLOURS), "shape": list(SHAPES), "count": list(COUNT_WORDS)}
-    model = PhantomForCausalLM.from_pretrained(model_dir).eval()
-    proc = PhantomProcessor(model.config, load_tokenizer(model_dir, model.config), max_length=512)
+    device, dtype = model.device, model.dtype
     records = json.loads(storage.read_text(triples_uri))[:limit]
     root = triples_uri.rsplit("/", 1)[0]
     correct, chance = 0, 0.0
@@ -37,9 +44,9 @@ def choice_accuracy(model_dir: str, triples_uri: str, limit: int | None = None) 
                                images=[image]) for o in options]
         batch = proc.collate(samples)
         with torch.no_grad():
-            out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                        phantom_index=batch["phantom_index"])
-        logps, _ = sequence_logps(out.logits, batch["labels"])
+            out = model(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                        batch["pixel_values"].to(device, dtype), phantom_index=batch["phantom_index"].to(device))
+        logps, _ = sequence_logps(out.logits, batch["labels"].to(device))
         correct += int(options[int(logps.argmax())] == rec["chosen"])
         chance += 1 / len(options)
     n = max(1, len(records))
