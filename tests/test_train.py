@@ -342,3 +342,59 @@ def test_step2_starts_from_step1_export(tmp_path, batches):
         assert p.requires_grad, n
     step2.train_epoch(batches[1:2])
     assert step2.state.step == 1
+
+
+# ---- packing and LoRA in the recipe ----------------------------------------------------------------------
+
+def test_packed_batch_gives_the_padded_batch_loss(tmp_path):
+    """The recipe's loss on a packed PO batch equals its loss on the same pairs padded."""
+    from phantom_ray.model import PhantomConfig
+    from phantom_ray.processing import PhantomProcessor, load_tokenizer
+
+    from test_packing import _pairs
+
+    pc = PhantomConfig.from_preset("tiny-qwen2")
+    proc = PhantomProcessor(pc, load_tokenizer("tiny-qwen2", pc), max_length=256)
+    pairs = _pairs(proc, 4, seed=2)
+    rec = _recipe(tiny_cfg(tmp_path, recipe={"step": 2}, loss={"chunk_tokens": 7}))
+    padded, packed = proc.collate_pairs(pairs), proc.pack_pairs(pairs, 400)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    with torch.no_grad():
+        a, b = rec.forward_loss(padded).metrics(), rec.forward_loss(packed).metrics()
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_lora_step2_trains_adapters_and_exports(tmp_path, batches, merge):
+    pytest.importorskip("peft")
+    from phantom_ray.model import PhantomForCausalLM
+    from phantom_ray.train.lora import load_with_adapter
+
+    cfg = tiny_cfg(tmp_path, recipe={"step": 2, "lora": {"enabled": True, "r": 4, "vision": True,
+                                                          "merge_on_export": merge}}, optim={"lr": 5e-2})
+    rec = _recipe(cfg)
+    names = rec.trainable_names
+    assert any("language_model" in n and "lora_A" in n for n in names)
+    assert any("vision_model" in n and "lora_B" in n for n in names)
+    assert not any(n.endswith("q_proj.base_layer.weight") for n in names)  # base weights frozen
+    assert any("_phantom" in n for n in names)
+    rec.train_epoch(batches[:2])
+    sd = {n: p for n, p in rec.model.named_parameters()}
+    assert any(float(p.detach().abs().sum()) > 0 for n, p in sd.items() if "lora_B" in n)  # adapters moved off zero
+    batch = batches[2]
+    rec.engine.eval()
+    with torch.no_grad():
+        want = rec.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                         image_repeat=2).logits
+    export = rec.export(str(tmp_path / "export"))
+    exported = os.listdir(export)
+    if merge:
+        assert "adapter_config.json" not in exported
+        model = PhantomForCausalLM.from_pretrained(export).eval()
+    else:
+        assert "adapter_model.safetensors" in exported
+        model = load_with_adapter(export)
+    with torch.no_grad():
+        got = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], image_repeat=2).logits
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()

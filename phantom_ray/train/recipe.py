@@ -100,27 +100,13 @@ def apply_trainable(model, cfg: TrainConfig) -> list[str]:
         else:
             p.requires_grad_(not (cfg.recipe.freeze_vision and name.startswith("vision_model.")))
     if step == 2 and cfg.recipe.lora.enabled:
-        model.language_model = _wrap_lora(model.language_model, cfg)
+        from phantom_ray.train.lora import wrap_lora
+
+        wrap_lora(model, cfg.recipe.lora)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if not names:
         raise ValueError(f"recipe.step={step}: no trainable parameters")
     return names
-
-
-def _wrap_lora(llm, cfg: TrainConfig):
-    try:
-        import peft
-    except ImportError:
-        raise ImportError("recipe.lora.enabled needs `peft` (pip install peft)") from None
-    lc = cfg.recipe.lora
-    # phantom modules stay fully trainable next to the adapters
-    phantom = sorted({n.rsplit(".", 1)[0] for n, _ in llm.named_parameters() if "_phantom" in n})
-    config = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
-                             modules_to_save=None)
-    wrapped = peft.inject_adapter_in_model(config, llm)
-    for n, p in wrapped.named_parameters():
-        p.requires_grad_("lora_" in n or any(n.startswith(m) for m in phantom))
-    return wrapped
 
 
 def cosine_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -432,40 +418,23 @@ class PhantomRecipe:
         sd = self.consolidated_state_dict()
         if self.rank != 0:
             return None
-        model = _unwrap_lora(self.model, sd) if self.cfg.recipe.lora.enabled else None
         from phantom_ray.model import PhantomForCausalLM
+        from phantom_ray.train import lora
 
+        extra = tokenizer_files(self.cfg)
+        lc = self.cfg.recipe.lora
+        if lc.enabled:
+            if not lc.merge_on_export:
+                extra |= lora.adapter_files(sd, lc)
+            sd = lora.merged_state_dict(self.model, sd) if lc.merge_on_export else lora.base_state_dict(sd)
         out = PhantomForCausalLM(self.model.config, attn_implementation="sdpa")
-        if model is not None:
-            sd = model
         missing, unexpected = out.load_state_dict(sd, strict=False)
         missing = [k for k in missing if k in dict(out.named_parameters())]
         if missing:
             raise RuntimeError(f"export: weights missing for {missing[:5]} ...")
-        extra = tokenizer_files(self.cfg)
         extra["train_config.yaml"] = self.cfg.to_yaml().encode()
         out.save_pretrained(uri, extra_files=extra)
         return uri
-
-
-def _unwrap_lora(module, sd: dict) -> dict:
-    """Merge LoRA deltas into the base weights: W + (alpha/r) * B @ A; drop adapter keys."""
-    out = {}
-    for k, v in sd.items():
-        if "lora_" in k:
-            continue
-        out[k.replace(".base_layer.", ".")] = v
-    for k in sd:
-        if ".lora_A." in k:
-            base = k.split(".lora_A.")[0]
-            adapter = k.split(".lora_A.")[1].split(".")[0]
-            a = sd[k]
-            b = sd[f"{base}.lora_B.{adapter}.weight"]
-            layer = module.get_submodule(base)
-            scale = layer.scaling[adapter]
-            key = f"{base}.weight"
-            out[key] = out[key] + scale * (b @ a)
-    return out
 
 
 def tokenizer_files(cfg: TrainConfig) -> dict[str, bytes]:
