@@ -57,7 +57,7 @@ class LossSection(Config):
     pref_weight: float = Field(1.0, ge=0)     # weight of the preference term
     sft_weight: float = Field(1.0, ge=0)      # weight of the SFT term on the chosen answer
     reference: str | None = None              # dpo: reference model (checkpoint / preset); default model.init_from
-    chunk_tokens: int = Field(1024, ge=1)     # answer tokens per chunk of the fused head + log-softmax
+    chunk_tokens: int = Field(256, ge=1)      # answer tokens per chunk of the fused head + log-softmax
 
 
 class LoraSection(Config):

@@ -55,7 +55,7 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -10
 #   linear + cross-entropy of Liger/Apple CCE): no (tokens x vocab) tensor exists at all, in forward
 #   or backward; the head GEMM is recomputed per chunk in backward.
 
-DEFAULT_CHUNK = 1024
+DEFAULT_CHUNK = 256  # (256, 151,655) fp32 = 155 MB per chunk; big enough GEMMs for a GPU
 
 
 class _ChunkedLogitsLogp(torch.autograd.Function):
@@ -80,7 +80,8 @@ class _ChunkedLogitsLogp(torch.autograd.Function):
         for s in range(0, pos.shape[0], ctx.chunk):
             e = s + ctx.chunk
             g = grad[s:e, None].to(lse.dtype)
-            d = -(logits[pos[s:e]].to(lse.dtype) - lse[s:e, None]).exp() * g
+            d = logits[pos[s:e]].to(lse.dtype)  # a fresh (chunk, V) tensor: everything below in place
+            d.sub_(lse[s:e, None]).exp_().mul_(-g)  # -g * softmax
             d.scatter_add_(1, target[s:e, None], g)
             out[pos[s:e]] = d.to(out.dtype)
         return out, None, None, None
@@ -111,7 +112,8 @@ class _ChunkedLinearLogp(torch.autograd.Function):
             e = s + ctx.chunk
             h = hidden[pos[s:e]]
             g = grad[s:e, None].to(lse.dtype)
-            d = -((h @ weight.t()).to(lse.dtype) - lse[s:e, None]).exp() * g
+            d = (h @ weight.t()).to(lse.dtype)  # recomputed head chunk; everything below in place
+            d.sub_(lse[s:e, None]).exp_().mul_(-g)  # -g * softmax
             d.scatter_add_(1, target[s:e, None], g)
             d = d.to(weight.dtype)
             if need_h:
