@@ -182,7 +182,7 @@ def _recipe(cfg, total_steps=3):
 
 
 def test_step1_trains_only_projector_and_phantom(tmp_path, batches):
-    # Near-identity init (spec 3.6): the q*/k* branches get gradients of ~1e-18 at step 0, which
+    # Near-identity init (docs/phantom.md#near-identity): the q*/k* branches get gradients of ~1e-18 at step 0, which
     # Adam's default eps (1e-8) turns into updates below fp32 resolution; a tiny eps makes every
     # parameter that receives any gradient move, which is what this test checks.
     rec = _recipe(tiny_cfg(tmp_path, recipe={"step": 1}, optim={"eps": 1e-30}))
@@ -282,6 +282,9 @@ def test_dpo_reference_pass_scores_processed_rows(tmp_path):
     ref_dir = str(tmp_path / "ref")
     ref = PhantomForCausalLM.from_preset("tiny-qwen2", seed=5)
     ref.save_pretrained(ref_dir)
+    from phantom_ray.processing import load_tokenizer
+
+    load_tokenizer("tiny-qwen2", ref.config).save_pretrained(ref_dir)  # a checkpoint carries its tokenizer
     data = DataConfig(shards=str(tmp_path / "packed"), task="po")
     scored = ReferenceScorer(ref_dir, "tiny-qwen2", data.to_dict())(table)
     cols = {n: scored.column(n).to_numpy(zero_copy_only=False) for n in scored.column_names}

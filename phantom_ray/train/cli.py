@@ -35,9 +35,10 @@ def run(args: argparse.Namespace) -> int:
     from phantom_ray.train.ray_trainer import run_training
 
     if not ray.is_initialized():
+        from phantom_ray.runtime import init_ray
+
         # S3 settings reach every worker and Ray Data actor through the job's runtime_env
-        ray.init(address=args.address, runtime_env={"env_vars": storage.storage_env()},
-                 **({} if args.address else {"include_dashboard": False}))
+        init_ray(address=args.address, runtime_env=storage.storage_runtime_env() or None)
     metrics = run_training(cfg)
     ray.shutdown()  # flush the workers' log lines first, so that the export path is the last line
     summary = {k: v for k, v in metrics.items() if not k.endswith("_per_worker")}

@@ -17,12 +17,10 @@ from phantom_ray import storage
 
 
 def choice_accuracy(model_dir: str, triples_uri: str, limit: int | None = None) -> dict:
-    from phantom_ray.model import PhantomForCausalLM
-    from phantom_ray.processing import PhantomProcessor, load_tokenizer
+    from phantom_ray.loader import load_model
 
-    model = PhantomForCausalLM.from_pretrained(model_dir).eval()
-    proc = PhantomProcessor(model.config, load_tokenizer(model_dir, model.config), max_length=512)
-    return choice_accuracy_of(model, proc, triples_uri, limit)
+    loaded = load_model(model_dir, device="cpu", dtype=None, max_length=512)  # the checkpoint's dtype
+    return choice_accuracy_of(loaded.model, loaded.processor, triples_uri, limit)
 
 
 def choice_accuracy_of(model, proc, triples_uri: str, limit: int | None = None) -> dict:

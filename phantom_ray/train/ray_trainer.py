@@ -111,12 +111,12 @@ class ReferenceScorer:
         import torch
 
         from phantom_ray.data.pipeline import CollateProcessed, DataConfig, default_processor_factory
-        from phantom_ray.model import PhantomForCausalLM
+        from phantom_ray.loader import load_model
 
         data = DataConfig.from_dict(cfg_data)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = PhantomForCausalLM.from_pretrained(reference, dtype=dtype, device=self.device).eval()
+        # dtype auto: bfloat16 on CUDA, float32 on CPU
+        self.model = load_model(reference, device=self.device, dtype="auto").model
         self.collate = CollateProcessed(default_processor_factory(processor_model, data.max_length), "po",
                                         data.padding_side, data.pixel_dtype)
 
@@ -152,7 +152,7 @@ def with_reference_logps(ds, cfg: TrainConfig):
         ReferenceScorer, batch_format="pyarrow", batch_size=cfg.data.preprocess_batch_size,
         fn_constructor_kwargs={"reference": reference, "processor_model": cfg.model.model_id(),
                                "cfg_data": cfg.data.to_dict()},
-        compute=ActorPoolStrategy(size=1), runtime_env={"env_vars": storage.storage_env()},
+        compute=ActorPoolStrategy(size=1), runtime_env=storage.storage_runtime_env() or None,
         num_cpus=cfg.data.preprocess_num_cpus, num_gpus=1 if cfg.scaling.use_gpu else 0)
 
 
@@ -368,8 +368,10 @@ def run_training(cfg: TrainConfig, *, step_callbacks: list | None = None) -> dic
 
     cfg = cfg.resolved()
     if not ray.is_initialized():
+        from phantom_ray.runtime import init_ray
+
         # the workers get S3 settings from the job's runtime_env (a cluster job sets its own)
-        ray.init(runtime_env={"env_vars": storage.storage_env()}, include_dashboard=False)
+        init_ray(runtime_env=storage.storage_runtime_env() or None)
     prepare_synthetic(cfg)
     per_epoch, total = plan_steps(cfg)
     log.info("training %s: %d steps per epoch, %d steps in all", cfg.run.name, per_epoch, total)
