@@ -119,7 +119,10 @@ class _ChunkedLinearLogp(torch.autograd.Function):
             if need_h:
                 gh[pos[s:e]] = d @ weight
             if need_w:
-                gw += (d.t() @ h).to(gw.dtype)
+                if d.dtype == gw.dtype:
+                    gw.addmm_(d.t(), h)  # in place: no second (V, C) temporary per chunk
+                else:
+                    gw += (d.t() @ h).to(gw.dtype)
         return gh, (gw.to(weight.dtype) if need_w else None), None, None, None
 
 
