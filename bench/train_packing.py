@@ -15,8 +15,8 @@
    log-probs) vs the fused chunked one (``phantom_ray.train.loss``), forward + backward from the
    final hidden states, each in a fresh subprocess: peak RSS minus RSS before the loss.
 
-    python bench/train_packing.py                  # ~3-5 min on 2 cores; needs ~6 GB free RAM
-    python bench/train_packing.py --samples 8 --layers 2
+    python bench/train_packing.py                  # ~8-10 min on 2 cores; needs ~6 GB free RAM
+    python bench/train_packing.py --samples 8 --layers 2 --skip-throughput
 
 The last line is ``packed/padded real-token throughput: X.XXx; loss peak memory old/new: Y.Yx``.
 Timings are figures, never pass/fail.
@@ -85,15 +85,21 @@ def pack_batch(samples: list[Sample], budget: int) -> dict:
             "sample_index": idx, "position_ids": pos, "num_samples": len(samples)}
 
 
-def step(model, batch: dict) -> float:
+def step(model, batch: dict, rows_per_micro: int = 4) -> float:
+    """One training step over the batch's rows, ``rows_per_micro`` rows per forward/backward
+    (gradient accumulation keeps the CPU attention's (rows, heads, L, L) buffers in RAM)."""
     t0 = time.perf_counter()
     packed = "segment_ids" in batch
-    kw = {"segment_ids": batch["segment_ids"], "position_ids": batch["position_ids"]} if packed else {}
-    out = model(batch["input_ids"], batch["attention_mask"], return_hidden=True, **kw)
-    loss = preference_loss(None, batch["labels"], kind="sft", hidden=out.hidden_states,
-                           head_weight=model.language_model.head.weight,
-                           sample_index=batch.get("sample_index"), num_samples=batch.get("num_samples"))
-    loss.loss.backward()
+    R = batch["input_ids"].shape[0]
+    for a in range(0, R, rows_per_micro):
+        sl = slice(a, a + rows_per_micro)
+        kw = {"segment_ids": batch["segment_ids"][sl], "position_ids": batch["position_ids"][sl]} if packed else {}
+        out = model(batch["input_ids"][sl], batch["attention_mask"][sl], return_hidden=True, **kw)
+        loss = preference_loss(None, batch["labels"][sl], kind="sft", hidden=out.hidden_states,
+                               head_weight=model.language_model.head.weight,
+                               sample_index=batch["sample_index"][sl] if packed else None,
+                               num_samples=batch.get("num_samples"))
+        loss.loss.backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
 
@@ -113,7 +119,7 @@ def throughput(args) -> dict:
            "padded_slots": padded["input_ids"].numel(), "packed_slots": packed["input_ids"].numel(),
            "padded_rows": padded["input_ids"].shape[0], "packed_rows": packed["input_ids"].shape[0]}
     for name, batch in (("padded", padded), ("packed", packed)):
-        times = [step(model, batch) for _ in range(args.repeats)]
+        times = [step(model, batch, args.rows_per_micro) for _ in range(args.repeats)]
         res[f"{name}_s"] = min(times)
         res[f"{name}_real_tokens_per_s"] = real / min(times)
     res["ratio"] = res["packed_real_tokens_per_s"] / res["padded_real_tokens_per_s"]
@@ -170,11 +176,12 @@ def loss_memory(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=16, help="samples per batch (the 0.5B config's batch_size)")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--max-tokens-per-row", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--rows-per-micro", type=int, default=4, help="rows per forward/backward (accumulated)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=None, help="loss chunk (default: the config's loss.chunk_tokens)")
     ap.add_argument("--loss-child", choices=["old", "new"], help=argparse.SUPPRESS)
