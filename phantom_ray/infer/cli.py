@@ -59,11 +59,12 @@ def config_from_args(args: argparse.Namespace):
     from phantom_ray.infer.caption import CaptionConfig
     from phantom_ray.infer.api import SamplingParams
 
-    # greedy unless --do-sample (temperature 0 is greedy in SamplingParams)
+    # greedy unless --do-sample (temperature 0 is greedy in SamplingParams); the sampling seed is part of
+    # the recorded settings only when sampling, so greedy runs record the same settings however launched
     if args.do_sample and args.temperature <= 0:
         raise ValueError(f"--temperature must be > 0 with --do-sample, got {args.temperature}")
     gen = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature if args.do_sample else 0.0,
-                         top_p=args.top_p, top_k=args.top_k, num_beams=args.num_beams, seed=args.seed)
+                         top_p=args.top_p, top_k=args.top_k, num_beams=args.num_beams, seed=args.seed if args.do_sample else None)
     return CaptionConfig(
         input=args.input, output=args.output, model=args.model, prompt=args.prompt, generation=gen,
         batch_size=args.batch_size, min_replicas=args.min_replicas, max_replicas=args.max_replicas,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -208,7 +208,7 @@ class PhantomForCausalLM(nn.Module):
         h = self.embed_inputs(input_ids, pixel_values, image_repeat, image_features, check_images=prefill)
         if position_ids is None:
             base = cache.next_position if (cache is not None and cache.next_position is not None) else None
-            position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, L): 0 at the first real token (phantom.md#d14)
+            position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, L): 0 at the first real token (docs/phantom.md#d14-position-ids)
             if base is not None:
                 position_ids = position_ids + base[:, None]
         llm_cfg = self.config.llm_config
@@ -268,8 +268,8 @@ class PhantomForCausalLM(nn.Module):
         *,
         max_new_tokens: int = 256,
         do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
+        temperature: float | Sequence[float] = 1.0,
+        top_p: float | Sequence[float] = 1.0,
         top_k: int = 0,
         stop_token_ids: list[int] | None = None,
         pad_token_id: int | None = None,
@@ -340,9 +340,26 @@ def left_align(input_ids: torch.Tensor, mask: torch.Tensor, pad: int) -> tuple[t
     return ids, new_mask
 
 
-def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int,
-                generator=None) -> torch.Tensor:
-    """Pick the next token per row: argmax, or temperature/top-k/top-p sampling."""
+def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float | Sequence[float],
+                top_p: float | Sequence[float], top_k: int, generator=None) -> torch.Tensor:
+    """Pick the next token per row: argmax, or temperature/top-k/top-p sampling.
+
+    ``temperature`` and ``top_p`` may be one value per row (requests with different settings in one
+    batch): a row with temperature <= 0 is greedy, the others are sampled one by one with their own
+    settings and generator, so a row's token does not depend on its batch mates."""
+    if isinstance(temperature, (list, tuple)) or isinstance(top_p, (list, tuple)):
+        B = logits.shape[0]
+        temps = list(temperature) if isinstance(temperature, (list, tuple)) else [temperature] * B
+        ps = list(top_p) if isinstance(top_p, (list, tuple)) else [top_p] * B
+        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * B
+        if not len(temps) == len(ps) == len(gens) == B:
+            raise ValueError(f"per-row settings for {len(temps)}/{len(ps)}/{len(gens)} rows, batch has {B}")
+        out = logits.argmax(dim=-1)
+        if do_sample:
+            for i in range(B):
+                if temps[i] > 0:
+                    out[i] = sample_next(logits[i:i + 1], True, float(temps[i]), float(ps[i]), top_k, gens[i])[0]
+        return out
     if not do_sample or temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature

@@ -111,12 +111,12 @@ class ReferenceScorer:
         import torch
 
         from phantom_ray.data.pipeline import CollateProcessed, DataConfig, default_processor_factory
-        from phantom_ray.loader import load_model
+        from phantom_ray.loader import load_weights
 
         data = DataConfig.from_dict(cfg_data)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # dtype auto: bfloat16 on CUDA, float32 on CPU
-        self.model = load_model(reference, device=self.device, dtype="auto").model
+        self.model, _ = load_weights(reference, device=self.device, dtype="auto")
         self.collate = CollateProcessed(default_processor_factory(processor_model, data.max_length), "po",
                                         data.padding_side, data.pixel_dtype)
 
