@@ -61,7 +61,7 @@ def _train_config(workdir: str, budget: Budget, step: int, init_from: str) -> "T
 
     return TrainConfig.from_dict({
         "model": {"preset": PRESET, "init_from": init_from, "attn_implementation": "sdpa"},
-        "data": {"shards": [os.path.join(workdir, "packed")], "task": "po", "model": PRESET, "batch_size": 8,
+        "data": {"shards": [os.path.join(workdir, "packed")], "task": "po", "batch_size": 8,
                  "shuffle_buffer_size": 64, "num_preprocess_tasks": 1, "preprocess_num_cpus": 0.25,
                  "max_length": 256},
         "synth": {"enabled": True, "num_samples": budget.num_samples, "layout": "triples", "image_size": 32},

@@ -24,7 +24,9 @@ def run(args: argparse.Namespace) -> int:
 
     from phantom_ray.logs import setup_logging
 
-    cfg = TrainConfig.from_yaml(args.config, overrides=args.overrides)
+    # relative paths (shards, storage, export, init_from, ...) mean the launch directory: resolve
+    # them here, on the driver, before Ray moves anything into its session folder
+    cfg = TrainConfig.from_yaml(args.config, overrides=args.overrides).resolved()
     if args.dry_run:
         print(cfg.to_yaml())
         return 0
@@ -34,9 +36,11 @@ def run(args: argparse.Namespace) -> int:
     local_run = None if "://" in storage_root else os.path.join(os.path.abspath(storage_root), cfg.run.name)
     logs = setup_logging(local_run, verbose=args.verbose, name=f"train-{cfg.run.name}", quiet_imports=("deepspeed",))
 
+    from phantom_ray import storage
     from phantom_ray.train.ray_trainer import run_training
 
-    logs.init_ray(args.address)
+    # S3 settings reach every worker and Ray Data actor through the job's runtime_env
+    logs.init_ray(args.address, runtime_env=storage.storage_runtime_env() or None)
     metrics = run_training(cfg)
     ray.shutdown()  # flush the workers' log lines first, so that the export path is the last line
     logs.close()
