@@ -549,11 +549,7 @@ class ChunkCaptioner:
                     added["error_detail"][j] = f"row {j} of chunk {i}: column {pcol!r} is empty or not text"
                     continue
                 idx.append(j)
-                # no "<image>" placeholder in the text: the processor puts the image first, the
-                # prompt layout of the original inference harness (Request.user's "<image>\n"
-                # prefix would add a newline token before the question)
-                reqs.append(Request(messages=[{"role": "user", "content": prompt}], images=[img],
-                                    params=self.sampling, key=uris[j]))
+                reqs.append(Request.user(prompt, images=[img], params=self.sampling, key=uris[j]))
             submitted = submit_upto(start + 4 * bs)
             if reqs:
                 for j, g in zip(idx, self.engine.generate(reqs)):
