@@ -157,7 +157,8 @@ async def chat(engine, params, read_line: Callable[[], str], out, err, images: l
         if line.startswith("/"):
             print(f"unknown command {line.split()[0]!r}; {CHAT_HELP}", file=err, flush=True)
             continue
-        text = "<image>\n" * len(pending) + line if pending and "<image>" not in line else line
+        # placeholders in this turn, image first as the processor lays out a one-turn prompt
+        text = "<image>" * len(pending) + line if pending and "<image>" not in line else line
         turn = history + [{"role": "user", "content": text}]
         try:
             answer, _ = await stream_answer(engine, turn, all_images + pending, params, out)

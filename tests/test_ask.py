@@ -64,7 +64,7 @@ def test_ask_one_shot_streams_the_engines_answer(tiny_export, capsys):
                "--image", str(images[0]), QUESTION])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    want = _reference(export, [{"role": "user", "content": "<image>\n" + QUESTION}], images[:1], 12)
+    want = _reference(export, [{"role": "user", "content": "<image>" + QUESTION}], images[:1], 12)
     assert out == want + "\n"
 
 
@@ -78,10 +78,10 @@ def test_ask_chat_images_and_history(tiny_export, monkeypatch, capsys):
     assert rc == 0, err
     assert "image 1 attached" in err and "image 2 attached" in err
     first, second = out.split("\n")[:2]
-    turn1 = [{"role": "user", "content": "<image>\n" + QUESTION}]
+    turn1 = [{"role": "user", "content": "<image>" + QUESTION}]
     assert first == _reference(export, turn1, images[:1], 6)
     # the second turn carries the first question, its answer and both images
-    turn2 = turn1 + [{"role": "assistant", "content": first}, {"role": "user", "content": "<image>\nAnd this one?"}]
+    turn2 = turn1 + [{"role": "assistant", "content": first}, {"role": "user", "content": "<image>And this one?"}]
     assert second == _reference(export, turn2, images, 6)
 
 
