@@ -60,26 +60,29 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # the loop gets one core, like each CPU replica
     import ray
 
-    from phantom_ray.infer import GenerationConfig, PhantomEngine
+    from phantom_ray.infer import Request, SamplingParams, load_engine
     from phantom_ray.infer.caption import CaptionConfig, caption
-    from phantom_ray.infer.engine import greedy_reference
 
     warnings.simplefilter("ignore", UserWarning)
     tmp = Path(tempfile.mkdtemp(prefix="bench_caption_"))
     try:
         uris = _images(tmp / "images", args.images)
         prompt = "Describe the image in detail."
-        engine = PhantomEngine.load(args.model, device="cuda" if args.num_gpus > 0 else "cpu")
-        greedy_reference(engine, Path(uris[0]).read_bytes(), prompt, 2)  # warm-up
+        engine = load_engine(args.model, backend="torch", device="cuda" if args.num_gpus > 0 else "cpu")
+        cfg = SamplingParams(max_tokens=args.max_new_tokens)
+
+        def req(u, params=cfg):
+            return Request(messages=[{"role": "user", "content": prompt}], images=[Path(u).read_bytes()], params=params)
+
+        engine.generate([req(uris[0], cfg.replace(max_tokens=2))])  # warm-up
 
         t0 = time.perf_counter()
         for u in uris:
-            greedy_reference(engine, Path(u).read_bytes(), prompt, args.max_new_tokens)
+            engine.generate([req(u)])
         loop = len(uris) / (time.perf_counter() - t0)
 
-        cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
         t0 = time.perf_counter()
-        engine.generate([(Path(u).read_bytes(), prompt) for u in uris], cfg, batch_size=args.batch_size)
+        engine.generate([req(u) for u in uris], batch_size=args.batch_size)
         batched = len(uris) / (time.perf_counter() - t0)
 
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)

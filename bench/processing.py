@@ -7,7 +7,7 @@ Images: synthetic photo-like JPEGs (smooth gradients, shapes, sensor noise; qual
 1920x1080 and 4000x3000, generated with a fixed seed. Both paths run single-threaded in this
 process, so images/s is per core.
 
-Baseline = what the reference does (spec 1.6), written with PIL + torch ops equal to torchvision's
+Baseline = what the reference does (docs/phantom.md#image-tiling), written with PIL + torch ops equal to torchvision's
 (torchvision has no build for this torch): decode -> ``convert('RGB')`` -> ``pil_to_tensor`` (the
 reference keeps images as uint8 (3,H,W) tensors) -> ``to_pil_image`` -> ``dynamic_preprocess``
 (resize, crop tiles, thumbnail) -> per tile ``Resize((448,448), BICUBIC)`` + ``ToTensor`` +
@@ -16,7 +16,7 @@ Ours = ``tile_pixel_values(load_image(jpeg_bytes))``: one resize, tiles sliced f
 one vectorised normalisation.
 Prints images/s for each path and size, the ratio, the largest output difference (in 1/255
 pixel units; must stay below 1), and the rate of decode + PIL resizes alone: that work is the same
-in both paths (spec 1.6 requires PIL's bicubic for exact tiles), so it bounds the possible ratio.
+in both paths (docs/phantom.md#image-tiling: PIL's bicubic is needed for exact tiles), so it bounds the possible ratio.
 """
 
 from __future__ import annotations

@@ -25,7 +25,22 @@ import time
 
 import httpx
 
-from phantom_ray.serving.testing import data_uri, png_bytes
+
+
+def png_bytes(size=(40, 30), color=(200, 30, 30)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_uri(data: bytes, mime: str = "image/png") -> str:
+    import base64
+
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def percentile(xs: list[float], q: float) -> float:

@@ -75,6 +75,25 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     return out
 
 
+def load_yaml_mapping(path: str | os.PathLike) -> dict:
+    """The top-level mapping of a YAML file (local path or URI), unvalidated; errors name the file.
+    For CLIs whose flags fill in fields the file leaves out."""
+    from phantom_ray import storage
+
+    path = str(path)
+    try:
+        text = storage.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
 class Config(BaseModel):
     """Base of every phantom_ray config: strict fields, YAML in and out, dotted overrides."""
 
@@ -90,20 +109,7 @@ class Config(BaseModel):
 
     @classmethod
     def from_yaml(cls: type[C], path: str | os.PathLike, overrides: Iterable[str] = ()) -> C:
-        from phantom_ray import storage
-
-        path = str(path)
-        try:
-            text = storage.read_bytes(path).decode("utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        return cls.from_dict(data, overrides, source=path)
+        return cls.from_dict(load_yaml_mapping(path), overrides, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

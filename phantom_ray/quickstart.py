@@ -94,9 +94,8 @@ def run_quickstart(workdir: str, budget_name: str = "full") -> dict:
 
     from phantom_ray.data.synth import LAYOUT_FILES
     from phantom_ray.infer.caption import CaptionConfig, caption, read_outputs
-    from phantom_ray.infer.engine import GenerationConfig
-    from phantom_ray.model import PhantomForCausalLM
-    from phantom_ray.processing import load_tokenizer
+    from phantom_ray.infer.api import SamplingParams
+    from phantom_ray.loader import local_model_dir
     from phantom_ray.train.evaluate import choice_accuracy
     from phantom_ray.train.ray_trainer import prepare_synthetic, run_training
 
@@ -107,7 +106,9 @@ def run_quickstart(workdir: str, budget_name: str = "full") -> dict:
     t_start = time.perf_counter()
     summary: dict = {"workdir": workdir, "budget": budget_name, "preset": PRESET}
     if not ray.is_initialized():
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False)
+        from phantom_ray.runtime import init_ray
+
+        init_ray(num_cpus=max(2, os.cpu_count() or 2))
 
     stage("synthesise and pack the shapes corpus")
     cfg1 = _train_config(workdir, budget, 1, os.path.join(workdir, "init"))
@@ -122,9 +123,11 @@ def run_quickstart(workdir: str, budget_name: str = "full") -> dict:
     stage("initial model and its held-out accuracy")
     init_dir = os.path.join(workdir, "init")
     if not os.path.exists(os.path.join(init_dir, "config.json")):
-        model = PhantomForCausalLM.from_preset(PRESET, seed=0)
-        model.save_pretrained(init_dir)
-        load_tokenizer(PRESET, model.config).save_pretrained(init_dir)
+        import shutil
+
+        # the preset's random weights + tiny tokenizer, written once into the cache by the loader
+        shutil.copytree(local_model_dir(PRESET, seed=0), init_dir, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(".complete"))
     before = choice_accuracy(init_dir, heldout, limit=budget.eval_limit)
     summary["accuracy_before"] = before
     print(f"held-out accuracy before training: {before['accuracy']:.3f} (chance {before['chance']:.3f}, n={before['n']})")
@@ -157,7 +160,7 @@ def run_quickstart(workdir: str, budget_name: str = "full") -> dict:
     cap_out = os.path.join(workdir, "captions")
     cap_summary = caption(CaptionConfig(
         input=images_dir, output=cap_out, model=export, prompt="Describe the image.",
-        generation=GenerationConfig(max_new_tokens=budget.max_new_tokens), batch_size=8, min_replicas=1,
+        generation=SamplingParams(max_tokens=budget.max_new_tokens), batch_size=8, min_replicas=1,
         max_replicas=1, num_gpus=0, num_cpus=0.5, decode_num_cpus=0.25, shard_size=16, progress=True))
     rows = read_outputs(cap_out)
     summary["captions"] = {"output": cap_out, "images": len(rows),

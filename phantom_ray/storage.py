@@ -90,6 +90,17 @@ def storage_env() -> dict[str, str]:
     return {k: os.environ[k] for k in _ENV_KEYS if os.environ.get(k)}
 
 
+def storage_runtime_env() -> dict:
+    """A Ray ``runtime_env`` giving tasks and actors this process's storage settings (endpoint,
+    region and, where the driver has them as variables, credentials), e.g.
+    ``ds.map_batches(..., runtime_env=storage_runtime_env())``. Ray sets the variables before the
+    worker runs our code, so no worker writes ``os.environ`` by hand and a pooled worker's
+    environment never leaks into another job's tasks. Empty when nothing is set (a cluster whose
+    nodes have an IAM role needs nothing)."""
+    env = storage_env()
+    return {"env_vars": env} if env else {}
+
+
 def _endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 

@@ -7,15 +7,37 @@
 - ``s3_bucket`` (function): a fresh, uniquely named bucket on that server; yields ``"s3://<bucket>"``.
 - ``ray_local`` (session): ``ray.init(num_cpus=2, include_dashboard=False)``; shut down at the end.
   Request ``s3_server`` before ``ray_local`` when Ray workers must reach S3, so they inherit the env.
+- Network trap (whole session, set when this file is imported, before anything starts): proxy-aware
+  clients in this process and every process started from it (Ray's workers and dashboard included)
+  go to a loopback proxy trap (``tests/net_trap.py``) that logs and refuses; loopback and this
+  host's own addresses stay direct (``NO_PROXY``). scripts/run_tests.sh starts the trap as a
+  process and exports the same variables; a bare ``pytest`` starts it here, in a thread.
+  ``net_trap_log`` (session fixture) is the trap's log path.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
 import uuid
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/ helpers (net_trap, image_corpus)
+import net_trap  # noqa: E402
+
+if not os.environ.get("PHANTOM_NET_TRAP_LOG"):
+    _trap_log = os.path.join(tempfile.mkdtemp(prefix="phantom_net_trap_"), "trap.log")
+    _trap_server, _trap_port = net_trap.start_trap(_trap_log)
+    os.environ.update(net_trap.trap_env(_trap_port))
+    os.environ["PHANTOM_NET_TRAP_LOG"] = _trap_log
+
+
+@pytest.fixture(scope="session")
+def net_trap_log() -> str:
+    return os.environ["PHANTOM_NET_TRAP_LOG"]
 
 _S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -28,7 +28,7 @@ from PIL import Image
 from phantom_ray import storage
 from phantom_ray.infer.caption import (CaptionConfig, caption, list_inputs, output_shards, plan_groups,
                                        read_outputs)
-from phantom_ray.infer.engine import GenerationConfig
+from phantom_ray.infer.api import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]
 N_GOOD = 200
@@ -67,7 +67,7 @@ def _write_images(root: str, n_good: int) -> list[str]:
 
 
 def _config(input: str, output: str, **kw) -> CaptionConfig:
-    base = dict(input=input, output=output, model="tiny-qwen2", generation=GenerationConfig(max_new_tokens=MAX_NEW),
+    base = dict(input=input, output=output, model="tiny-qwen2", generation=SamplingParams(max_tokens=MAX_NEW),
                 batch_size=8, min_replicas=1, max_replicas=1, num_gpus=0, num_cpus=0.5, decode_num_cpus=0.5,
                 decode_concurrency=1, shard_size=32, max_pixels=MAX_PIXELS, progress=False)
     base.update(kw)
@@ -111,7 +111,7 @@ def test_every_image_appears_exactly_once_with_corrupt_ones_as_error_rows(bucket
             assert isinstance(r["caption"], str) and 1 <= r["tokens_generated"] <= MAX_NEW
             assert r["num_tiles"] >= 1 and r["finish_reason"] in ("stop", "length")
         assert r["model"] == "tiny-qwen2" and r["prompt"] == "Describe the image in detail."
-        assert json.loads(r["generation"])["max_new_tokens"] == MAX_NEW
+        assert json.loads(r["generation"])["max_tokens"] == MAX_NEW
     shards = output_shards(bucket["output"])
     assert len(shards) == math.ceil(len(bucket["uris"]) / 32)
     assert all(storage.basename(s).startswith("part-") and s.endswith(".parquet") for s in shards)
@@ -123,12 +123,13 @@ def test_every_image_appears_exactly_once_with_corrupt_ones_as_error_rows(bucket
 
 
 def test_pipeline_captions_equal_direct_generate_per_image(bucket):
-    from phantom_ray.infer import PhantomEngine
-    from phantom_ray.infer.engine import greedy_reference
+    from engine_helpers import greedy_reference
+
+    from phantom_ray.infer import load_engine
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        engine = PhantomEngine.load("tiny-qwen2", seed=0)
+        engine = load_engine("tiny-qwen2", backend="torch", seed=0)
     rows = _rows_by_uri(bucket["output"])
     checked = 0
     for uri, r in rows.items():
@@ -171,7 +172,7 @@ def test_driver_sigkill_mid_run_then_rerun_equals_uninterrupted_run(bucket, ray_
     output = f"{bucket['root']}/captions/killed"
     reference = f"{bucket['root']}/captions/kill-reference"
     max_new, shard_size = 48, 2
-    caption(_config(prefix, reference, generation=GenerationConfig(max_new_tokens=max_new)))
+    caption(_config(prefix, reference, generation=SamplingParams(max_tokens=max_new)))
     n_shards = math.ceil(len(uris) / shard_size)
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address, "PYTHONPATH": str(REPO)}
     log = open(tmp_path / "driver1.log", "wb")
@@ -270,7 +271,7 @@ def test_cli_and_job_parsers_accept_the_interface_flags():
             "--max-replicas", "4", "--num-gpus", "0.5", "--format", "jsonl"]
     args = build_parser(argv).parse_args(argv)
     cfg = config_from_args(args)
-    assert (cfg.prompt, cfg.generation.max_new_tokens, cfg.batch_size, cfg.min_replicas, cfg.max_replicas,
+    assert (cfg.prompt, cfg.generation.max_tokens, cfg.batch_size, cfg.min_replicas, cfg.max_replicas,
             cfg.num_gpus, cfg.format) == ("What is shown?", 7, 16, 1, 4, 0.5, "jsonl")
     spec = importlib.util.spec_from_file_location("_job_caption", REPO / "jobs" / "caption.py")
     job = importlib.util.module_from_spec(spec)

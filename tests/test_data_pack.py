@@ -186,3 +186,70 @@ def test_sigkilled_pack_process_resumes(tmp_path):
     ids = [r["sample_id"] for r in _shard_rows(out, manifest)]
     assert len(ids) == len(set(ids)) == manifest["rows"] == 400
     assert done_before < len(manifest["shards"])
+
+
+# ---- hostile inputs: the bad-image corpus and paths outside the image root ------------------------
+
+def _conv(i):
+    return [{"from": "human", "value": f"<image>\nq{i}"}, {"from": "gpt", "value": f"a{i}"}]
+
+
+def test_pack_bad_image_corpus_and_traversal_become_error_rows(tmp_path):
+    """Every kind of bad image (bombs included) and every path outside --image-root is one error row
+    with ingest's reason; the good images are packed; the pack completes."""
+    from image_corpus import bad_images, good_images
+
+    root = tmp_path / "corpus"
+    (root / "img").mkdir(parents=True)
+    (tmp_path / "secret.png").write_bytes(good_images()["bmp"][0])
+    os.symlink(tmp_path / "secret.png", root / "img" / "link.png")
+    records, expected = [], {}
+    for name, (data, reason) in bad_images().items():
+        (root / "img" / f"{name}.jpg").write_bytes(data)
+        expected[len(records)] = reason
+        records.append({"id": name, "image": f"img/{name}.jpg", "conversations": _conv(name)})
+    good = good_images()
+    for name, (data, _, _) in good.items():
+        (root / "img" / f"{name}.img").write_bytes(data)
+        records.append({"id": name, "image": f"img/{name}.img", "conversations": _conv(name)})
+    for path in ["../secret.png", str(tmp_path / "secret.png"), "img/link.png", "img/../../secret.png",
+                 f"file://{tmp_path}/secret.png", "s3://other-bucket/x.png"]:
+        expected[len(records)] = "image_outside_root"
+        records.append({"id": path, "image": path, "conversations": _conv(path)})
+    (root / "data.json").write_text(json.dumps(records))
+
+    out = str(tmp_path / "packed")
+    manifest = pack_mod.pack(str(root / "data.json"), "llava", out, image_root=str(root), executor="local")
+    errors = pack_mod.read_errors(os.path.join(out, "errors.parquet"))
+    got = {e["index"]: e["reason"] for e in errors}
+    assert got == expected
+    assert manifest["rows"] == len(good) and manifest["errors"] == len(expected)
+    for e in errors:
+        assert e["reason"] in ERROR_REASONS and e["detail"]
+        assert " at 0x" not in e["detail"] and "BytesIO" not in e["detail"]
+    rows = _shard_rows(out, manifest)
+    assert sorted(r["orig_id"] for r in rows) == sorted(good)
+
+
+def test_pack_s3_image_root_confines_keys(s3_bucket):
+    from image_corpus import good_images
+
+    png = good_images()["rgba_png"][0]
+    storage.write_bytes_atomic(f"{s3_bucket}/corpus/img/a.png", png)
+    storage.write_bytes_atomic(f"{s3_bucket}/secret/b.png", png)
+    records = [
+        {"id": "ok", "image": "img/a.png", "conversations": _conv(0)},
+        {"id": "abs-ok", "image": f"{s3_bucket}/corpus/img/a.png", "conversations": _conv(1)},
+        {"id": "dotdot", "image": "../secret/b.png", "conversations": _conv(2)},
+        {"id": "other-key", "image": f"{s3_bucket}/secret/b.png", "conversations": _conv(3)},
+        {"id": "other-bucket", "image": "s3://another-bucket/corpus/img/a.png", "conversations": _conv(4)},
+        {"id": "prefix-sibling", "image": f"{s3_bucket}/corpusX/img/a.png", "conversations": _conv(5)},
+        {"id": "local", "image": "/etc/hostname", "conversations": _conv(6)},
+    ]
+    storage.write_text_atomic(f"{s3_bucket}/corpus/data.json", json.dumps(records))
+    out = f"{s3_bucket}/packed"
+    manifest = pack_mod.pack(f"{s3_bucket}/corpus/data.json", "llava", out, image_root=f"{s3_bucket}/corpus",
+                             executor="local")
+    errors = pack_mod.read_errors(storage.join(out, "errors.parquet"))
+    assert {e["index"]: e["reason"] for e in errors} == {i: "image_outside_root" for i in range(2, 7)}
+    assert manifest["rows"] == 2

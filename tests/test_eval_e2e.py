@@ -1,5 +1,5 @@
 """End to end: ``jobs/eval.py`` over two tiny synthetic benchmarks (POPE, ScienceQA) on the
-tiny-qwen2 preset, generating through the Ray Data actor pool of phantom_ray.infer; the predictions
+tiny-qwen2 preset, generating through the Ray Data actor pool (phantom_ray.eval.predict over phantom_ray.infer); the predictions
 it writes equal those of the in-process engine, for greedy decoding and for beam search."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from phantom_ray.eval import load_benchmark, write_synthetic_benchmark
+from eval_synthetic import write_synthetic_benchmark
+from phantom_ray.eval import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ def data_root(tmp_path_factory):
 
 
 def test_eval_job_end_to_end_through_the_actor_pool(ray_local, data_root, tmp_path, capsys):
-    from phantom_ray.infer import make_predict_fn
+    from phantom_ray.eval.predict import make_predict_fn
 
     out = tmp_path / "eval_out"
     job = _job_module()
@@ -54,7 +55,7 @@ def test_eval_job_end_to_end_through_the_actor_pool(ray_local, data_root, tmp_pa
 
 
 def test_beam_search_predictions_through_ray_equal_in_process(ray_local, data_root):
-    from phantom_ray.infer import make_predict_fn
+    from phantom_ray.eval.predict import make_predict_fn
 
     items = load_benchmark("sqa", data_root)
     ray_fn = make_predict_fn("tiny-qwen2", num_beams=3, batch_size=2, num_cpus=0.5, decode_num_cpus=0.5)

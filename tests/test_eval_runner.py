@@ -12,7 +12,8 @@ import httpx
 import pytest
 
 from phantom_ray import storage
-from phantom_ray.eval import load_benchmark, run_eval, score_benchmark, write_synthetic_benchmark
+from eval_synthetic import write_synthetic_benchmark
+from phantom_ray.eval import load_benchmark, run_eval, score_benchmark
 from phantom_ray.eval.judge import SKIP_MESSAGE, JudgeClient, JudgeConfig, JudgeError, judge_from_env
 
 DATA = Path(__file__).parent / "data" / "eval"
@@ -38,7 +39,7 @@ def test_run_eval_writes_predictions_and_tables(synthetic, tmp_path):
     assert seen == [("pope", 9, {5}), ("sqa", 4, {5})]
     rows = {r["benchmark"]: r for r in results["results"]}
     assert rows["pope"]["score"] == 100.0 and rows["sqa"]["score"] == 100.0
-    assert rows["sqa"]["paper"] == 83.2 and rows["pope"]["paper"] is None  # spec 7.2, size from the name
+    assert rows["sqa"]["paper"] == 83.2 and rows["pope"]["paper"] is None  # phantom.md#evaluation; size from the name
     assert json.loads(Path(out, "results.json").read_text()) == results
     md = Path(out, "results.md").read_text()
     assert "| sqa | accuracy | 4 | 100.0 | 83.2 |" in md
@@ -148,7 +149,7 @@ def test_cli_eval_with_plugged_generator(synthetic, tmp_path, monkeypatch, capsy
         got.update(model=model, num_beams=num_beams)
         return lambda items: [answers[i.id] for i in items]
 
-    monkeypatch.setitem(sys.modules, "phantom_ray.infer", types.SimpleNamespace(make_predict_fn=make_predict_fn))
+    monkeypatch.setitem(sys.modules, "phantom_ray.eval.predict", types.SimpleNamespace(make_predict_fn=make_predict_fn))
     out = str(tmp_path / "cli_out")
     rc = main(["eval", "--model", "tiny-qwen2", "--benchmarks", "sqa,pope", "--data-root", root,
                "--output", out, "--num-beams", "3", "--limit", "2"])
@@ -162,9 +163,9 @@ def test_cli_eval_without_generator_says_so(synthetic, tmp_path, monkeypatch, ca
     from phantom_ray.cli import main
 
     root, _ = synthetic
-    monkeypatch.setitem(sys.modules, "phantom_ray.infer", None)  # import fails
+    monkeypatch.setitem(sys.modules, "phantom_ray.eval.predict", None)  # import fails
     rc = main(["eval", "--model", "m", "--benchmarks", "pope", "--data-root", root, "--output", str(tmp_path / "o")])
-    assert rc == 2 and "phantom_ray.infer.make_predict_fn" in capsys.readouterr().err
+    assert rc == 2 and "phantom_ray.eval.predict.make_predict_fn" in capsys.readouterr().err
     assert main(["eval", "--model", "m", "--benchmarks", "nope", "--data-root", root, "--output", "o"]) == 2
 
 

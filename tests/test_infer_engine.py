@@ -1,22 +1,34 @@
-"""PhantomEngine (no Ray): batched generation equals one-at-a-time generation, bad images become
-error results, beam search equals an independent full-recompute beam search, sampling is
-reproducible per request key, and checkpoints load from a directory and from S3."""
+"""TorchEngine (no Ray), the torch backend of ``phantom_ray.infer.api``: batched greedy generation
+equals one-at-a-time generation by a direct ``model.generate`` call, bad images become error
+results, beam search equals an independent full-recompute beam search and the previous engine's
+recorded output, sampling is reproducible per request key and batch-independent, streamed text
+equals generated text, stop strings end a row, and checkpoints load from a directory and from S3.
+
+``tests/data/engine_reference.json`` holds what the two engines this one replaced
+(``infer/engine.py`` PhantomEngine and ``serving/engine.py`` BatchingEngine) produced on the tiny
+presets, recorded before they were deleted: the same requests must give the same answers."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from phantom_ray.infer import GenerationConfig, PhantomEngine
-from phantom_ray.infer.engine import greedy_reference
+from engine_helpers import greedy_reference
+from phantom_ray.infer import Engine, Request, SamplingParams, load_engine
+from phantom_ray.infer.torch_engine import TorchEngine
+from phantom_ray.model.generation import beam_search
 from phantom_ray.processing import PhantomProcessor
 
 torch.set_num_threads(1)
+REFERENCE = json.loads((Path(__file__).parent / "data" / "engine_reference.json").read_text())
 
 
 def _png(seed: int, w: int, h: int) -> bytes:
@@ -26,51 +38,75 @@ def _png(seed: int, w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def engine():
+def _load(preset: str = "tiny-qwen2") -> TorchEngine:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return PhantomEngine.load("tiny-qwen2", seed=0)
+        return load_engine(preset, backend="torch", seed=0)
 
 
-def _requests(n: int = 12):
+@pytest.fixture(scope="module")
+def engine():
+    return _load()
+
+
+def _pairs(n: int = 12):
     prompts = ["Describe the image in detail.", "What colour dominates?", "Count the shapes, then explain."]
     # different sizes -> different tile counts -> different prompt lengths in one batch
     return [(_png(i, 20 + 9 * (i % 5), 18 + 13 * (i % 4)), prompts[i % 3]) for i in range(n)]
 
 
+def _req(image, prompt: str, params: SamplingParams, key: str = "") -> Request:
+    # no <image> placeholder: the processor puts the image first, as the captioning prompt does
+    return Request(messages=[{"role": "user", "content": prompt}], images=[image] if image is not None else [],
+                   params=params, key=key)
+
+
+def _reqs(pairs, params: SamplingParams, keys=None) -> list[Request]:
+    keys = keys or [str(i) for i in range(len(pairs))]
+    return [_req(im, p, params, k) for (im, p), k in zip(pairs, keys)]
+
+
+def _texts(gens) -> list[str | None]:
+    return [g.text.strip() if g.text is not None else None for g in gens]
+
+
 def test_preset_name_warns_random_weights():
     with pytest.warns(UserWarning, match="randomly initialised"):
-        PhantomEngine.load("tiny-qwen2")
+        load_engine("tiny-qwen2", backend="torch")
+
+
+def test_engine_implements_the_interface(engine):
+    assert isinstance(engine, Engine) and engine.backend == "torch" and engine.model_id == "tiny-qwen2"
 
 
 def test_batched_greedy_equals_direct_generate_per_image(engine):
-    reqs = _requests()
-    cfg = GenerationConfig(max_new_tokens=10)
-    batched = engine.generate(reqs, cfg, batch_size=5)
-    for (image, prompt), got in zip(reqs, batched):
+    pairs = _pairs()
+    params = SamplingParams(max_tokens=10)
+    batched = engine.generate(_reqs(pairs, params), batch_size=5)
+    for (image, prompt), got in zip(pairs, batched):
         assert got.error is None
-        assert got.text == greedy_reference(engine, image, prompt, 10)
-        assert 1 <= got.tokens <= 10 and got.finish_reason in ("stop", "length")
+        assert got.text.strip() == greedy_reference(engine, image, prompt, 10)
+        assert 1 <= got.completion_tokens <= 10 and got.finish_reason in ("stop", "length")
+        assert got.prompt_tokens > 0
     assert len({g.num_tiles for g in batched}) > 1, "the batch should mix tile counts"
     # and the batch composition does not matter
-    again = engine.generate(list(reversed(reqs)), cfg, batch_size=3)
+    again = engine.generate(_reqs(list(reversed(pairs)), params), batch_size=3)
     assert [g.text for g in again] == [g.text for g in reversed(batched)]
 
 
 def test_bad_images_become_error_results_without_stopping_the_batch(engine):
-    good = _requests(3)
+    good = _pairs(3)
     truncated = _png(99, 30, 30)[:40]
-    reqs = [good[0], (b"", "x"), (b"not an image at all", "x"), good[1], (truncated, "x"), good[2]]
-    out = engine.generate(reqs, GenerationConfig(max_new_tokens=4), batch_size=8)
+    pairs = [good[0], (b"", "x"), (b"not an image at all", "x"), good[1], (truncated, "x"), good[2]]
+    out = engine.generate(_reqs(pairs, SamplingParams(max_tokens=4)), batch_size=8)
     assert [o.error for o in out] == [None, "empty_image", "undecodable_image", None, "undecodable_image", None]
     assert all(o.text is None and o.error_detail for o in out if o.error)
-    assert [o.text for o in out if not o.error] == [greedy_reference(engine, im, p, 4) for im, p in good]
+    assert [o.text.strip() for o in out if not o.error] == [greedy_reference(engine, im, p, 4) for im, p in good]
 
 
 def test_text_only_prompt(engine):
-    (out,) = engine.generate([(None, "Say something.")], GenerationConfig(max_new_tokens=5))
-    assert out.error is None and out.num_tiles == 0 and out.tokens >= 1
+    (out,) = engine.generate([_req(None, "Say something.", SamplingParams(max_tokens=5))])
+    assert out.error is None and out.num_tiles == 0 and out.completion_tokens >= 1
 
 
 def _reference_beam_search(model, ids: list[int], pixel_values, K: int, max_new: int, stops: set[int],
@@ -111,54 +147,150 @@ def _reference_beam_search(model, ids: list[int], pixel_values, K: int, max_new:
 def test_beam_search_equals_full_recompute_reference(engine, monkeypatch):
     model = engine.model.to(torch.float64)  # cached vs recomputed logits agree to the last fp32 bit
     try:
-        reqs = _requests(3)
+        pairs = _pairs(3)
         # make tokens the random model actually emits (its 1st and 2nd greedy tokens) stop tokens, so
         # that hypotheses finish early and the stop bookkeeping is exercised (weights are seeded)
-        inputs = engine._inputs([engine.prepare(*r) for r in reqs])
+        inputs = engine._inputs([engine.prepare(_req(*p, SamplingParams())) for p in pairs])
         greedy = engine.model.generate(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
                                        max_new_tokens=3, stop_token_ids=[-1])
         stops = list(engine.processor.stop_token_ids) + sorted(set(greedy.sequences[:, :2].flatten().tolist()))
         monkeypatch.setattr(PhantomProcessor, "stop_token_ids", property(lambda self: stops))
-        cfg = GenerationConfig(max_new_tokens=8, num_beams=3)
-        batched = engine.generate(reqs, cfg, batch_size=3)
-        for (image, prompt), got in zip(reqs, batched):
-            s = engine.prepare(image, prompt)
+        batched = engine.generate(_reqs(pairs, SamplingParams(max_tokens=8, num_beams=3)), batch_size=3)
+        for (image, prompt), got in zip(pairs, batched):
+            s = engine.processor.encode_prompt(prompt, images=image)
             pv = s.pixel_values.to(torch.float64)
             want = _reference_beam_search(model, s.input_ids.tolist(), pv, 3, 8, set(stops), 1.0)
-            assert got.tokens == len(want)
-            assert got.text == engine.processor.decode_generation(want)
+            assert got.completion_tokens == len(want)
+            assert got.text.strip() == engine.processor.decode_generation(want)
         assert any(g.finish_reason == "stop" for g in batched), "no hypothesis hit a stop token"
         # one beam is greedy decoding
-        one = engine._beam_search(engine._inputs([engine.prepare(*r) for r in reqs]),
-                                  GenerationConfig(max_new_tokens=8, num_beams=1))
-        g1 = engine.generate(reqs, GenerationConfig(max_new_tokens=8))
-        assert [engine.processor.decode_generation(ids) for ids, _ in one] == [g.text for g in g1]
+        one = beam_search(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"].to(torch.float64),
+                          num_beams=1, max_new_tokens=8, stop_token_ids=stops, pad_token_id=engine.processor.pad_token_id)
+        g1 = engine.generate(_reqs(pairs, SamplingParams(max_tokens=8)))
+        assert [engine.processor.decode_generation(ids) for ids, _ in one] == _texts(g1)
     finally:
         engine.model.to(torch.float32)
 
 
+REFERENCE_PARAMS = {
+    "beam3": SamplingParams(max_tokens=8, num_beams=3),
+    "beam2_lp0.5": SamplingParams(max_tokens=6, num_beams=2, length_penalty=0.5),
+    "greedy": SamplingParams(max_tokens=10),
+    "sample": SamplingParams(max_tokens=10, temperature=1.5, top_p=0.9, seed=7),
+}
+
+
+def _reference_pairs():
+    return _pairs(4) + [(None, "Say something.")]
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-internlm2", "tiny-phi3"])
+def test_outputs_equal_the_replaced_engines(preset):
+    """Beam search, greedy and seeded sampling give what PhantomEngine gave, and streamed answers
+    (with a stop string) what the serving BatchingEngine gave, on all three families."""
+    eng = _load(preset)
+    ref = REFERENCE[preset]
+    pairs = _reference_pairs()
+    keys = [f"k{i}" for i in range(len(pairs))]
+    samples = [eng.prepare(_req(*p, SamplingParams())) for p in pairs]
+    inputs = eng._inputs(samples)
+    for name, params in REFERENCE_PARAMS.items():
+        if params.num_beams > 1:  # the moved beam search itself, token for token
+            seqs = beam_search(eng.model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                               num_beams=params.num_beams, max_new_tokens=params.max_tokens,
+                               stop_token_ids=eng.processor.stop_token_ids, pad_token_id=eng.processor.pad_token_id,
+                               length_penalty=params.length_penalty)
+            assert [{"ids": ids, "finish_reason": fr} for ids, fr in seqs] == ref[name], name
+        gens = eng.generate(_reqs(pairs, params, keys))
+        got = [{"text": g.text.strip(), "tokens": g.completion_tokens, "finish_reason": g.finish_reason} for g in gens]
+        assert got == ref[name + "_text"], name
+
+    async def served():
+        out = []
+        for i, (img, p) in enumerate(pairs[:3]):
+            r = Request([{"role": "user", "content": ("<image>\n" if img else "") + p}], images=[img] if img else [],
+                        params=SamplingParams(max_tokens=12, stop=["e"] if i == 2 else []))
+            events = [e async for e in eng.stream(r)]
+            out.append({"text": "".join(e.text for e in events if e.type == "delta"),
+                        "done": {"type": events[-1].type, "finish_reason": events[-1].finish_reason,
+                                 "prompt_tokens": events[-1].prompt_tokens,
+                                 "completion_tokens": events[-1].completion_tokens}})
+        return out
+
+    assert asyncio.run(served()) == ref["served"]
+
+
 def test_sampling_is_reproducible_per_key_and_batch_invariant(engine):
-    reqs = _requests(4)
-    cfg = GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.5, seed=7)
-    a = engine.generate(reqs, cfg, keys=["a", "b", "c", "d"])
-    b = engine.generate([reqs[2], reqs[0]], cfg, keys=["c", "a"])
+    pairs = _pairs(4)
+    params = SamplingParams(max_tokens=12, temperature=1.5, seed=7)
+    a = engine.generate(_reqs(pairs, params, ["a", "b", "c", "d"]))
+    b = engine.generate(_reqs([pairs[2], pairs[0]], params, ["c", "a"]))
     assert [b[1].text, b[0].text] == [a[0].text, a[2].text]
-    other_seed = engine.generate(reqs, cfg.replace(seed=8), keys=["a", "b", "c", "d"])
-    greedy = engine.generate(reqs, GenerationConfig(max_new_tokens=12))
+    other_seed = engine.generate(_reqs(pairs, params.replace(seed=8), ["a", "b", "c", "d"]))
+    greedy = engine.generate(_reqs(pairs, SamplingParams(max_tokens=12), ["a", "b", "c", "d"]))
     assert [x.text for x in other_seed] != [x.text for x in a]
     assert [x.text for x in greedy] != [x.text for x in a]
 
 
-@pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(num_beams=0), dict(num_beams=2, do_sample=True),
-                                 dict(do_sample=True, temperature=0.0), dict(top_p=0.0), dict(top_k=-1)])
-def test_generation_config_rejects_bad_settings(bad):
+def _stream_all(engine, requests: list[Request]):
+    """Stream every request concurrently (they share batches); (text, last event) per request."""
+    async def one(r):
+        events = [e async for e in engine.stream(r)]
+        assert all(e.type == "delta" for e in events[:-1])
+        return "".join(e.text for e in events[:-1]), events[-1]
+
+    async def main():
+        return await asyncio.gather(*(one(r) for r in requests))
+
+    return asyncio.run(main())
+
+
+def test_streamed_text_equals_generated_text(engine):
+    pairs = _pairs(6)
+    for params in (SamplingParams(max_tokens=16, ignore_eos=True), SamplingParams(max_tokens=16, temperature=1.2, seed=3)):
+        reqs = _reqs(pairs, params, [f"s{i}" for i in range(len(pairs))])
+        gens = engine.generate(reqs)
+        n_before = len(engine.batch_sizes)
+        streamed = _stream_all(engine, reqs)
+        assert max(engine.batch_sizes[n_before:]) > 1, "concurrent streams were not batched"
+        for g, (text, done) in zip(gens, streamed):
+            assert text == g.text
+            assert (done.type, done.finish_reason, done.completion_tokens, done.prompt_tokens) == \
+                ("done", g.finish_reason, g.completion_tokens, g.prompt_tokens)
+
+
+def test_stop_strings_end_the_row_in_generate_and_stream(engine):
+    image, prompt = _pairs(2)[1]
+    full = engine.generate([_req(image, prompt, SamplingParams(max_tokens=24, ignore_eos=True))])[0]
+    assert full.finish_reason == "length" and len(full.text) >= 6
+    stop = full.text[3:5]
+    cut = full.text[: full.text.find(stop)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True, stop=("never-there", stop))
+    (g,) = engine.generate([_req(image, prompt, params)])
+    assert g.text == cut and g.finish_reason == "stop" and g.completion_tokens < 24
+    [(text, done)] = _stream_all(engine, [_req(image, prompt, params)])
+    assert text == cut and done.finish_reason == "stop"
+
+
+def test_stream_rejects_a_bad_request_with_an_error_event(engine):
+    bad = _req(b"not an image at all", "x", SamplingParams(max_tokens=4))
+    long = _req(None, "word " * 5000, SamplingParams(max_tokens=4))
+    good = _req(None, "Say something.", SamplingParams(max_tokens=4))
+    (b, b_ev), (l, l_ev), (g, g_ev) = _stream_all(engine, [bad, long, good])
+    assert (b, b_ev.type, b_ev.status, b_ev.code) == ("", "error", 400, "undecodable_image")
+    assert (l_ev.type, l_ev.status, l_ev.code) == ("error", 400, "prompt_exceeds_max_length")
+    assert g_ev.type == "done"
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(num_beams=0), dict(num_beams=2, temperature=1.0),
+                                 dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-1)])
+def test_sampling_params_reject_bad_settings(bad):
     with pytest.raises(ValueError):
-        GenerationConfig(**bad)
+        SamplingParams(**bad)
 
 
 def _save_checkpoint(engine, where: str) -> None:
     import tempfile
-    from pathlib import Path
 
     with tempfile.TemporaryDirectory() as tmp:
         engine.tokenizer.save_pretrained(tmp)
@@ -166,16 +298,16 @@ def _save_checkpoint(engine, where: str) -> None:
     engine.model.save_pretrained(where, extra_files=extra)
 
 
-def test_load_checkpoint_from_directory_and_s3(engine, tmp_path, s3_bucket):
-    reqs = _requests(3)
-    cfg = GenerationConfig(max_new_tokens=6)
-    want = [g.text for g in engine.generate(reqs, cfg)]
+def test_load_checkpoint_from_directory_and_s3(engine, tmp_path, s3_bucket, monkeypatch):
+    monkeypatch.setenv("PHANTOM_RAY_CACHE", str(tmp_path / "cache"))
+    reqs = _reqs(_pairs(3), SamplingParams(max_tokens=6))
+    want = [g.text for g in engine.generate(reqs)]
     local = str(tmp_path / "ckpt")
     _save_checkpoint(engine, local)
-    from_dir = PhantomEngine.load(local)
+    from_dir = load_engine(local, backend="torch")
     assert from_dir.model_id == local
-    assert [g.text for g in from_dir.generate(reqs, cfg)] == want
+    assert [g.text for g in from_dir.generate(reqs)] == want
     uri = f"{s3_bucket}/export/tiny"
     _save_checkpoint(engine, uri)
-    from_s3 = PhantomEngine.load(uri, dtype="float32")
-    assert [g.text for g in from_s3.generate(reqs, cfg)] == want
+    from_s3 = load_engine(uri, backend="torch", dtype="float32")
+    assert [g.text for g in from_s3.generate(reqs)] == want

@@ -20,7 +20,7 @@ TINY = ["tiny-qwen2", "tiny-internlm2", "tiny-phi3"]
 def make_model(preset, eta=1.0, attn="eager", seed=0):
     torch.manual_seed(seed)
     model = PhantomForCausalLM(PhantomConfig.from_preset(preset, phantom_eta=eta), attn_implementation=attn)
-    # random O(1) phantom weights so a wrong phantom branch moves the outputs by O(1) (spec 3.6)
+    # random O(1) phantom weights so a wrong phantom branch moves the outputs by O(1) (docs/phantom.md#near-identity)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "_phantom" in name:
@@ -51,7 +51,7 @@ def batch_inputs(model, lengths, seed=1, tiles=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Independent plain-torch reference of spec section 3 (phantom after repeat_kv, exp-ratio gate,
+# Independent plain-torch reference of docs/phantom.md#phantom-dimension (phantom after repeat_kv, exp-ratio gate,
 # per-row Python gather of the first real token, dense masked softmax attention).
 # ---------------------------------------------------------------------------------------------------
 def ref_xattn(x, phantom, xa, residual, eta):
@@ -107,7 +107,7 @@ def test_phantom_attention_matches_reference(preset, attn):
     ref = ref_phantom_attention(mod, q, k, v, mask, eta=1.0)
     real = mask.bool()
     torch.testing.assert_close(ours[real], ref[real], atol=1e-9, rtol=1e-7)
-    # gradients wrt inputs and every phantom parameter (real positions only carry meaning: spec H19)
+    # gradients wrt inputs and every phantom parameter (real positions only carry meaning: phantom.md#d19)
     w = torch.randn(ours.shape, generator=g, dtype=torch.float64) * real[..., None, None]
     params = [p for n, p in mod.named_parameters() if "_phantom" in n]
     g_ours = torch.autograd.grad((ours * w).sum(), [q, k, v, *params])
@@ -304,7 +304,7 @@ def test_pixel_shuffle_matches_spec_formula():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Real presets on the meta device: checkpoint keys (spec 6.1) and parameter counts
+# Real presets on the meta device: checkpoint keys (docs/phantom.md#checkpoint-keys) and parameter counts
 # ---------------------------------------------------------------------------------------------------
 def spec_keys(preset: str) -> set[str]:
     cfg = PhantomConfig.from_preset(preset)

@@ -1,4 +1,4 @@
-"""Processor tests: tiling (spec 1.6), prompts and labels (spec 4), length policy, collate, PO pairs."""
+"""Processor tests: tiling, prompts and labels (docs/phantom.md), length policy, collate, PO pairs."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
 
 
 # ------------------------------------------------------------------------------------------------
-# Tiling: an independent implementation of the spec 1.6 rule, written from the spec text
+# Tiling: an independent implementation of the docs/phantom.md#image-tiling rule, written from that text
 # ------------------------------------------------------------------------------------------------
 
 SPEC_ORDER = [(1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (4, 1), (1, 4), (2, 2), (1, 5), (5, 1), (6, 1), (2, 3),
@@ -40,7 +40,7 @@ SPEC_ORDER = [(1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (4, 1), (1, 4), (2, 2), (1
 
 
 def spec_grid(w: int, h: int, size: int = 448) -> tuple[int, int]:
-    """Spec 1.6 step 3 over the literal order of step 2, with exact fractions for the diffs the
+    """docs/phantom.md#image-tiling rule 2 over the literal order of rule 1, with exact fractions for the diffs the
     spec computes in floating point (same result: the ties below are exact in binary too)."""
     ar = w / h
     best, best_diff = (1, 1), float("inf")
@@ -154,7 +154,7 @@ def test_prompt_strings_match_the_spec_byte_for_byte(procs):
     assert real.build_prompt(img_q, num_tiles=[7]) == (
         "<|im_start|>user\n<img>" + "<IMG_CONTEXT>" * 1792 + "</img>Describe the image in detail<|im_end|>"
         "<|im_start|>assistant\n")
-    # training text (spec 4.3) with a system prompt and two turns
+    # training text (docs/phantom.md#prompts) with a system prompt and two turns
     conv = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
             {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
     assert phi3.build_prompt(conv, system="S", add_generation_prompt=False) == (
@@ -195,7 +195,7 @@ def test_labels_cover_exactly_the_answers_and_their_end_tokens(procs, preset):
     want = []
     for a in answers:
         want += tok.encode(a, add_special_tokens=False) + [proc.end_token_id]
-    assert [ids[k] for k in sup] == want  # answer ids exactly as the answer alone tokenizes (H17)
+    assert [ids[k] for k in sup] == want  # answer ids exactly as the answer alone tokenizes (phantom.md#d17)
     # two contiguous runs, each ending with the end token, each preceded by "assistant\n"
     runs = np.split(np.array(sup), np.where(np.diff(sup) != 1)[0] + 1)
     assert len(runs) == 2

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from phantom_ray.serving.api import Frontend, create_api
 from phantom_ray.serving.config import ServeArgs, parse_args
 from phantom_ray.serving.worker import ModelWorker
-from phantom_ray.serving.testing import WorkerBackend, data_uri, png_bytes, tiny_args
+from serving_helpers import WorkerBackend, data_uri, png_bytes, tiny_args
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ MALFORMED = {
     "missing_messages": ({"model": "tiny-qwen2"}, 400, "invalid_request"),
     "empty_messages": ({"model": "tiny-qwen2", "messages": []}, 400, "invalid_request"),
     "bad_role": ({"model": "tiny-qwen2", "messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_request"),
-    "n_2": (chat("hi", n=2), 400, "invalid_request"),
+    "n_2": (chat("hi", n=2), 400, "unsupported_parameter"),
     "temperature_out_of_range": (chat("hi", temperature=5), 400, "invalid_request"),
     "bad_base64": (chat([image_part("data:image/png;base64,@@@not-base64@@@"), {"type": "text", "text": "x"}]),
                    400, "invalid_base64"),

@@ -1,4 +1,4 @@
-"""Dynamic batching engine (no Ray): batched answers equal unbatched ones, streaming pieces add up to
+"""The torch engine's dynamic batching behind a serving worker (no Ray): batched answers equal unbatched ones, streaming pieces add up to
 the answer, stop strings and max_tokens end a row, seeded sampling does not depend on batch mates."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import torch
 
 from phantom_ray.serving.config import ModelSpec
 from phantom_ray.serving.worker import ModelWorker
-from phantom_ray.serving.testing import png_bytes
+from serving_helpers import png_bytes
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def worker():
-    return ModelWorker(ModelSpec(name="tiny-qwen2", checkpoint="tiny-qwen2", max_batch_size=16,
+    return ModelWorker(ModelSpec(name="tiny-qwen2", checkpoint="tiny-qwen2", engine="torch", max_batch_size=16,
                                  max_ongoing_requests=16, batch_wait_timeout_s=0.05, torch_num_threads=1,
                                  max_prompt_tokens=256))
 
@@ -135,7 +135,7 @@ def test_worker_loads_checkpoints_from_a_directory_and_s3(worker, tmp_path, s3_b
     uri = f"{s3_bucket}/export/tiny-qwen2"
     _save_with_tokenizer(worker.model, worker.processor.tokenizer, uri)
     for checkpoint in (local, uri):
-        spec = ModelSpec(name="exported", checkpoint=checkpoint, torch_num_threads=1)
+        spec = ModelSpec(name="exported", checkpoint=checkpoint, engine="torch", torch_num_threads=1)
         assert not spec.is_preset
         loaded = ModelWorker(spec)
         assert asyncio.run(run_one(loaded, p))[0] == want, checkpoint

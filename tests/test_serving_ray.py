@@ -11,7 +11,7 @@ import socket
 import httpx
 import pytest
 
-from phantom_ray.serving.testing import data_uri, png_bytes, request_variants, tiny_args
+from serving_helpers import data_uri, png_bytes, request_variants, tiny_args
 
 APP = "phantom-test"
 

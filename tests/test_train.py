@@ -156,7 +156,7 @@ def _recipe(cfg, total_steps=3):
 
 
 def test_step1_trains_only_projector_and_phantom(tmp_path, batches):
-    # Near-identity init (spec 3.6): the q*/k* branches get gradients of ~1e-18 at step 0, which
+    # Near-identity init (docs/phantom.md#near-identity): the q*/k* branches get gradients of ~1e-18 at step 0, which
     # Adam's default eps (1e-8) turns into updates below fp32 resolution; a tiny eps makes every
     # parameter that receives any gradient move, which is what this test checks.
     rec = _recipe(tiny_cfg(tmp_path, recipe={"step": 1}, optim={"eps": 1e-30}))

@@ -32,7 +32,9 @@ from dataclasses import dataclass
 
 from phantom_ray import storage
 from phantom_ray.data import readers
-from phantom_ray.data.schema import (ERRORS_SCHEMA, PACKED_SCHEMA, RawRecord, RowError, check_image)
+from phantom_ray.data.schema import (ERRORS_SCHEMA, PACKED_SCHEMA, RawRecord, RowError, check_image,
+                                     row_error_from_fetch)
+from phantom_ray.ingest import FetchError, FetchPolicy, fetch_bytes, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +67,27 @@ def _state(output: str, *parts: str) -> str:
     return storage.join(output, "_state", *parts)
 
 
+def _image_policy(image_root: str) -> FetchPolicy:
+    """Record image paths resolve inside the image root (local dir or s3:// prefix), nowhere else."""
+    return FetchPolicy(root=image_root, allow_data=False)
+
+
 def _resolve_image(image_root: str, path: str) -> str:
-    if storage.is_s3(path) or os.path.isabs(path):
-        return path
-    return storage.join(image_root, path)
+    """The image's location under the root; FetchError when it lies outside."""
+    return resolve_source(path, _image_policy(image_root))
 
 
 def _fetch(job: PackJob, rec: RawRecord) -> RawRecord:
-    """Fetch and check the record's image (sets ``rec.error`` instead of raising)."""
+    """Fetch and check the record's image (sets ``rec.error`` instead of raising: one bad image is
+    an error row, never the end of the pack)."""
     if rec.error is not None or (rec.image_bytes is None and rec.image_path is None):
         return rec
     try:
         if rec.image_bytes is None:
-            uri = _resolve_image(job.image_root, rec.image_path)
             try:
-                rec.image_bytes = storage.read_bytes(uri)
-            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-                raise RowError("missing_image", f"{rec.image_path} not found under {job.image_root}") from None
+                rec.image_bytes = fetch_bytes(rec.image_path, _image_policy(job.image_root))
+            except FetchError as exc:
+                raise row_error_from_fetch(exc) from None
         check_image(rec.image_bytes)
     except RowError as exc:
         rec.error = exc
@@ -172,8 +178,8 @@ def _estimate_row_bytes(layout: str, f: readers.InputFile, raw: list | None, ima
         if rec.error is None and rec.image_path:
             try:
                 n += storage.size(_resolve_image(image_root, rec.image_path))
-            except FileNotFoundError:
-                pass
+            except (FileNotFoundError, FetchError):
+                pass  # becomes an error row when the chunk is packed
         sizes.append(n)
     return sum(sizes) / len(sizes)
 
@@ -229,12 +235,13 @@ def _run_ray(job: PackJob, todo: list[tuple[ChunkSpec, list | None]], max_in_fli
     import ray
 
     if not ray.is_initialized():
-        ray.init()
-    env = storage.storage_env()
+        from phantom_ray.runtime import init_ray
+
+        init_ray()
+    env = storage.storage_runtime_env()  # endpoint/region of this process for the tasks
 
     @ray.remote(num_cpus=1, max_retries=2)
-    def task(job, spec, raw, env):
-        os.environ.update(env)
+    def task(job, spec, raw):
         return pack_chunk(job, spec, raw)
 
     limit = max_in_flight or max(2, int(2 * ray.cluster_resources().get("CPU", 2)))
@@ -245,7 +252,7 @@ def _run_ray(job: PackJob, todo: list[tuple[ChunkSpec, list | None]], max_in_fli
             ray.get(ready)
             done += 1
             log.info("packed %d/%d chunks", done, len(todo))
-        pending.append(task.remote(job, spec, raw, env))
+        pending.append(task.options(runtime_env=env).remote(job, spec, raw))
     ray.get(pending)
 
 
@@ -260,6 +267,8 @@ def pack(input: str, layout: str, output: str, image_root: str | None = None, sh
     if executor not in ("ray", "local"):
         raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
     image_root = str(image_root) if image_root else readers.default_image_root(input)
+    if not storage.is_s3(image_root):  # resolved here, on the driver: Ray workers run in another directory
+        image_root = os.path.abspath(image_root)
     manifest_uri = storage.join(output, "manifest.json")
     t0 = time.time()
     plan, loaded = _load_or_make_plan(input, layout, output, image_root, shard_size_mb, source)

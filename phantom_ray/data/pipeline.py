@@ -212,23 +212,11 @@ def read_packed(cfg: DataConfig, epoch: int = 0):
 def default_processor_factory(model: str, max_length: int = 2048, **config_overrides):
     """PhantomProcessor for a preset name (``tiny-qwen2``) or a checkpoint directory / s3:// URI;
     ``config_overrides`` (presets only) set PhantomConfig fields, e.g. ``force_image_size=448``."""
-    from phantom_ray.model.config import PhantomConfig, list_presets
-    from phantom_ray.processing import PhantomProcessor, load_tokenizer
+    from phantom_ray.loader import is_preset, load_processor
 
-    if model in list_presets():
-        config = PhantomConfig.from_preset(model, **config_overrides)
-    else:
-        if config_overrides:
-            raise ValueError(f"config overrides {sorted(config_overrides)} apply to presets only, not {model!r}")
-        import os
-        import tempfile
-
-        cfg_uri = storage.join(model, "config.json")
-        local = os.path.join(tempfile.mkdtemp(prefix="phantom-cfg-"), "config.json")
-        with open(local, "wb") as fh:
-            fh.write(storage.read_bytes(cfg_uri))
-        config = PhantomConfig.from_json_file(local)
-    return PhantomProcessor(config, load_tokenizer(model, config), max_length=max_length)
+    if config_overrides and not is_preset(model):
+        raise ValueError(f"config overrides {sorted(config_overrides)} apply to presets only, not {model!r}")
+    return load_processor(model, max_length, None, **config_overrides)
 
 
 def _ids(t) -> list[int]:
@@ -276,12 +264,7 @@ class Preprocess:
     """map_batches callable class: builds the processor once per actor, processes rows, writes the
     rows that fail to ``errors_uri`` (one small parquet file per batch with failures)."""
 
-    def __init__(self, processor_factory: Callable[[], Any], task: str, pixel_dtype: str, errors_uri: str,
-                 env: dict[str, str] | None = None):
-        import os
-
-        if env:
-            os.environ.update(env)
+    def __init__(self, processor_factory: Callable[[], Any], task: str, pixel_dtype: str, errors_uri: str):
         self.processor = processor_factory()
         self.task, self.pixel_dtype, self.errors_uri = task, pixel_dtype, errors_uri
         self.errors_cls = _error_classes()
@@ -334,8 +317,9 @@ def build_train_dataset(cfg: DataConfig, epoch: int = 0, *, preprocess: bool = T
     return ds.map_batches(
         Preprocess, batch_format="pyarrow", batch_size=cfg.preprocess_batch_size,
         fn_constructor_kwargs={"processor_factory": factory, "task": cfg.task, "pixel_dtype": cfg.pixel_dtype,
-                               "errors_uri": cfg.errors_uri(epoch), "env": storage.storage_env()},
-        compute=ActorPoolStrategy(size=cfg.num_preprocess_tasks), num_cpus=cfg.preprocess_num_cpus)
+                               "errors_uri": cfg.errors_uri(epoch)},
+        compute=ActorPoolStrategy(size=cfg.num_preprocess_tasks), num_cpus=cfg.preprocess_num_cpus,
+        runtime_env=storage.storage_runtime_env())
 
 
 # ---- per worker ------------------------------------------------------------------------------------

@@ -38,7 +38,14 @@ KINDS = ("sft", "text", "triple")
 
 ERROR_REASONS = (
     "missing_image",         # image path in the record does not exist under the image root
-    "undecodable_image",     # bytes are not an image PIL can decode
+    "image_outside_root",    # image path resolves outside --image-root ('..', absolute, symlink, other bucket)
+    "unreadable_image",      # the image file/object exists but cannot be read
+    "undecodable_image",     # bytes are not an image PIL can decode (random, truncated, SVG/text, ...)
+    "empty_image",           # 0 bytes or a zero-sized canvas
+    "image_too_large",       # encoded bytes over the ingest limit
+    "too_many_pixels",       # declared width x height over the ingest limit (decompression bombs)
+    "bad_aspect_ratio",      # over the ingest aspect-ratio limit (200:1)
+    "unsupported_format",    # an image format we do not accept (EPS, PDF, ...)
     "malformed_conversation",  # turns missing, wrong roles/order, non-string content
     "empty_answer",          # an assistant turn / chosen / rejected answer is empty
     "malformed_record",      # not a JSON object, unparseable line, several images, missing fields
@@ -130,18 +137,23 @@ def normalize_conversation(turns) -> list[dict]:
 
 
 def check_image(data: bytes) -> None:
-    """Raise RowError('undecodable_image') unless PIL fully decodes ``data``."""
-    from PIL import Image, UnidentifiedImageError
+    """Raise RowError unless ``data`` is an image the ingest function accepts (fully decoded, with
+    the one set of limits every entry point uses); the reason is ingest's reason code."""
+    from phantom_ray.ingest import ImageError, open_image
 
-    if not data:
-        raise RowError("undecodable_image", "image is empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if im.width < 1 or im.height < 1:
-                raise RowError("undecodable_image", f"image has size {im.size}")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise RowError("undecodable_image", f"{type(exc).__name__}: {exc}") from None
+        open_image(data)
+    except ImageError as exc:
+        raise RowError(exc.reason, exc.message) from None
+
+
+_FETCH_TO_ROW = {"source_not_allowed": "image_outside_root", "not_found": "missing_image",
+                 "source_too_large": "image_too_large"}
+
+
+def row_error_from_fetch(exc) -> "RowError":
+    """A :class:`phantom_ray.ingest.FetchError` as the error row's reason."""
+    return RowError(_FETCH_TO_ROW.get(exc.reason, "unreadable_image"), exc.message)
 
 
 @dataclass

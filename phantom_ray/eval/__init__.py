@@ -1,4 +1,4 @@
-"""Benchmark evaluation for Phantom (spec section 7): loaders, parsers, scorers, judge, results.
+"""Benchmark evaluation for Phantom (docs/phantom.md#evaluation): loaders, parsers, scorers, judge, results.
 
     from phantom_ray.eval import run_eval, load_benchmark, score_benchmark
     results = run_eval("sqa,pope", "/data/eval", "/tmp/eval_out", predict_fn)
@@ -13,10 +13,9 @@ from phantom_ray.eval.loaders import load_benchmark
 from phantom_ray.eval.results import PAPER_SCORES, results_markdown
 from phantom_ray.eval.runner import run_eval, score_benchmark
 from phantom_ray.eval.scorers import BenchmarkScore
-from phantom_ray.eval.synthetic import write_synthetic_benchmark
 
 __all__ = [
     "BENCHMARKS", "JUDGE_SCORED", "RULE_SCORED", "EvalItem", "max_new_tokens", "parse_benchmarks",
     "with_suffix", "JudgeClient", "JudgeConfig", "judge_from_env", "load_benchmark", "PAPER_SCORES",
-    "results_markdown", "run_eval", "score_benchmark", "BenchmarkScore", "write_synthetic_benchmark",
+    "results_markdown", "run_eval", "score_benchmark", "BenchmarkScore",
 ]

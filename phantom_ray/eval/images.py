@@ -1,13 +1,18 @@
-"""Image references of eval items -> PIL images (local path, s3:// URI or encoded bytes)."""
+"""Image references of eval items -> PIL images (local path, s3:// URI or encoded bytes).
+
+Bytes become images through :func:`phantom_ray.ingest.open_image`, with the same limits as pack,
+caption and serve: a benchmark image that serving would refuse is refused here too, with the same
+reason (:class:`phantom_ray.ingest.ImageError`).
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 from typing import Any
 
 from phantom_ray import storage
+from phantom_ray.ingest import DEFAULT_LIMITS, ImageLimits, open_image
 
 
 def image_bytes(ref: Any) -> bytes:
@@ -19,11 +24,10 @@ def image_bytes(ref: Any) -> bytes:
     raise TypeError(f"image reference must be a URI string or bytes, got {type(ref).__name__}")
 
 
-def load_image(ref: Any):
-    """One RGB PIL image."""
-    from PIL import Image
-
-    return Image.open(io.BytesIO(image_bytes(ref))).convert("RGB")
+def load_image(ref: Any, limits: ImageLimits = DEFAULT_LIMITS):
+    """One RGB PIL image (EXIF-transposed, first frame, alpha over white), or ImageError."""
+    what = ref if isinstance(ref, str) else "image"
+    return open_image(image_bytes(ref), limits, what=what)
 
 
 def concat_horizontally(images: list, margin: int = 10):

@@ -1,10 +1,10 @@
-"""The uniform benchmark item and the per-benchmark generation settings (spec section 7.1).
+"""The uniform benchmark item and the per-benchmark generation settings (docs/phantom.md#evaluation).
 
 Every loader turns its benchmark's original files into a list of :class:`EvalItem`; the generation
 path only reads ``question``, ``images`` and ``max_new_tokens``, the scorers read ``answer`` and
 ``meta``. The question text already carries the per-benchmark suffix of the original
 (``make_instruction``) but no ``<image>`` placeholder: the processor prepends one whenever an image
-is supplied and the text lacks it (spec H10's intended behaviour); :meth:`EvalItem.user_text`
+is supplied and the text lacks it (fixes docs/phantom.md#d10-image-placeholder); :meth:`EvalItem.user_text`
 shows that string for one item.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # The public benchmark names (the original's EVAL_DATASETS). The original's data keys differ for
-# MM-Vet (`mm-vet`, `mm-vet-v2`), which made `--dataset mmvet` fail (spec H15); here the public name
+# MM-Vet (`mm-vet`, `mm-vet-v2`), which made `--dataset mmvet` fail (phantom.md#d15-eval-harness); here the public name
 # is the only key.
 BENCHMARKS: tuple[str, ...] = (
     "sqa", "ai2d", "chartqa", "seed", "seed-2-plus", "pope", "hallusionbench", "mme", "mathvista",
@@ -65,7 +65,7 @@ def parse_benchmarks(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     """``"sqa,pope"`` or a list -> canonical names, in order, without duplicates.
 
     ``all`` selects every benchmark (the original compared a single character against "all", so
-    its `--dataset all` never worked: spec H15).
+    its `--dataset all` never worked: docs/phantom.md#d15-eval-harness).
     """
     parts = spec.split(",") if isinstance(spec, str) else list(spec)
     out: list[str] = []
@@ -87,7 +87,7 @@ def max_new_tokens(benchmark: str) -> int:
 
 
 def with_suffix(benchmark: str, question: str) -> str:
-    """The original ``make_instruction`` suffix rule (without its ``<image>`` bug, spec H10)."""
+    """The original ``make_instruction`` suffix rule (without its ``<image>`` bug: phantom.md#d10)."""
     benchmark = canonical_name(benchmark)
     if benchmark == "hallusionbench":
         return question if YESNO_SUFFIX in question else f"{question}\n{YESNO_SUFFIX}"

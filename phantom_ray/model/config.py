@@ -1,7 +1,7 @@
 """Typed configuration for Phantom models and the size presets.
 
 The released ``BK-Lee/Phantom-*`` ``config.json`` files nest a vision config (InternViT) and an LLM
-config (Qwen2, InternLM2 or Phi-3) under a top-level ``PhantomConfig`` (spec sections 1.2, 1.3, 2).
+config (Qwen2, InternLM2 or Phi-3) under a top-level ``PhantomConfig`` (docs/phantom.md#overall-model).
 We parse them with small dataclasses of our own instead of transformers' strict config classes, so
 that one parser reads every size, on any transformers version, and unknown keys survive a
 round trip (they are kept in ``extra`` and written back).
@@ -19,7 +19,7 @@ from typing import Any
 
 FAMILIES = ("qwen2", "internlm2", "phi3")
 
-# architectures[0] of the llm_config -> family (spec 1.2: LlamaForCausalLM is accepted by every size
+# architectures[0] of the llm_config -> family (docs/phantom.md#overall-model; LlamaForCausalLM is accepted by every size
 # and means "the family of this size"; we resolve it from the other fields in ``_family_of``).
 _ARCH_TO_FAMILY = {
     "Qwen2ForCausalLM": "qwen2",
@@ -38,7 +38,7 @@ def _pop_known(d: dict, cls) -> tuple[dict, dict]:
 
 @dataclass
 class InternVisionConfig:
-    """InternViT encoder (spec 1.3). Defaults are InternViT-300M-448px [UNCONFIRMED: the released
+    """InternViT encoder (docs/phantom.md#vision). Defaults are InternViT-300M-448px [UNCONFIRMED: the released
     config.json is authoritative and is read whenever a checkpoint is loaded]."""
 
     hidden_size: int = 1024
@@ -87,7 +87,7 @@ class InternVisionConfig:
 
 @dataclass
 class LLMConfig:
-    """The LLM part: one dataclass for the three families (spec 2).
+    """The LLM part: one dataclass for the three families (docs/phantom.md#llm-families).
 
     Field names follow the Hugging Face configs, so transformers' building blocks (``Qwen2MLP``,
     ``Phi3MLP``, ``Qwen2RMSNorm``) accept it as their ``config``.
@@ -197,7 +197,7 @@ TEMPLATES = {"qwen2": "chatml", "internlm2": "chatml", "phi3": "phi3"}
 
 @dataclass
 class PhantomConfig:
-    """Top-level Phantom config (spec 1.2), with the fields the original reads but never declared
+    """Top-level Phantom config (docs/phantom.md#overall-model), with the fields the original reads but never declared
     (``image_token_index``, ``eos_token_id``, ``ignore_index``) made explicit."""
 
     vision_config: InternVisionConfig = field(default_factory=InternVisionConfig)
@@ -214,8 +214,8 @@ class PhantomConfig:
     img_end_token_index: int | None = None
     eos_token_id: int | list | None = 151645
     ignore_index: int = -100
-    # Phantom branch residual scale (spec 3.2). Not stored in released checkpoints; tests use 1.0 so a
-    # broken phantom branch moves logits by O(1) (spec 3.6).
+    # Phantom branch residual scale (phantom.md#xattention). Not stored in released checkpoints; tests use 1.0 so a
+    # broken phantom branch moves logits by O(1) (docs/phantom.md#near-identity).
     phantom_eta: float = 1e-4
     use_backbone_lora: int = 0
     use_llm_lora: int = 0
@@ -269,7 +269,7 @@ class PhantomConfig:
         d.pop("architectures", None)
         d.pop("extra", None)
         if d.get("llm_config") is None:
-            raise ValueError("config has no llm_config: cannot tell which LLM family to build (spec H13)")
+            raise ValueError("config has no llm_config: cannot tell which LLM family to build")
         known, extra = _pop_known(d, cls)
         for k in ("transformers_version", "torch_dtype", "dtype", "auto_map", "_name_or_path",
                   "_commit_hash", "is_composition"):
@@ -317,7 +317,7 @@ class PhantomConfig:
 # Presets
 # ------------------------------------------------------------------------------------------------
 
-_VIT_300M = InternVisionConfig().to_dict()  # [UNCONFIRMED] InternViT-300M-448px values (spec 1.3)
+_VIT_300M = InternVisionConfig().to_dict()  # [UNCONFIRMED] InternViT-300M-448px values (docs/phantom.md#vision)
 
 # Special tokens carried by the tiny locally trained tokenizers, in id order (ids 0..n-1). The real
 # checkpoints ship their own tokenizers; these only keep the tiny presets self-consistent.

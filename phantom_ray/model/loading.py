@@ -1,6 +1,6 @@
 """Checkpoints in Hugging Face layout: ``config.json`` + (sharded) ``model.safetensors``.
 
-Loads the released ``BK-Lee/Phantom-*`` checkpoints by their exact key names (spec 6.1) from a local
+Loads the released ``BK-Lee/Phantom-*`` checkpoints by their exact key names (phantom.md#checkpoint-keys) from a local
 directory, from ``s3://bucket/prefix`` (boto3, endpoint and credentials from the standard AWS
 environment, so any S3-compatible store works) or from a hub id where the network allows.
 Missing or unexpected keys fail with a message listing them.
@@ -25,7 +25,7 @@ INDEX_NAME = "model.safetensors.index.json"
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
                "tokenization_internlm2.py", "chat_template.jinja")
-# the 8-bit skip list of the original with its stale `mlp1` replaced by `vision_proj` (spec H12)
+# the 8-bit skip list of the original with its stale `mlp1` replaced by `vision_proj` (phantom.md#d12-int8-skip-list)
 INT8_SKIP_COMMON = ["linear_q", "linear_k", "linear_v", "linear_o", "gating_phantom_1", "gating_phantom_2",
                     "phantom", "vision_proj"]
 INT8_SKIP_FAMILY = {"qwen2": ["q_proj", "k_proj", "v_proj", "lm_head"], "internlm2": ["wqkv", "output"],
@@ -33,6 +33,8 @@ INT8_SKIP_FAMILY = {"qwen2": ["q_proj", "k_proj", "v_proj", "lm_head"], "internl
 
 
 def cache_root() -> Path:
+    """The one cache root for every download (checkpoints, tokenizer files, materialised presets):
+    ``$PHANTOM_RAY_CACHE``, default ``~/.cache/phantom_ray``."""
     return Path(os.environ.get("PHANTOM_RAY_CACHE", Path.home() / ".cache" / "phantom_ray"))
 
 
@@ -45,9 +47,12 @@ def resolve_checkpoint(path_or_uri: str) -> Path:
         local = cache_root() / "s3" / key
         marker = local / ".complete"
         if not marker.exists():
+            import shutil
+
             tmp = local.with_name(local.name + f".tmp{os.getpid()}")
             storage.download_dir(str(path_or_uri), str(tmp))
             if not (tmp / "config.json").exists():
+                shutil.rmtree(tmp, ignore_errors=True)
                 raise FileNotFoundError(f"{path_or_uri} has no config.json: not a Phantom checkpoint")
             (tmp / ".complete").write_text(str(path_or_uri))
             if local.exists():
@@ -67,14 +72,15 @@ def resolve_checkpoint(path_or_uri: str) -> Path:
         try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(str(path_or_uri), allow_patterns=["*.json", "*.safetensors", *_SIDE_FILES]))
+            return Path(snapshot_download(str(path_or_uri), allow_patterns=["*.json", "*.safetensors", *_SIDE_FILES],
+                                          cache_dir=str(cache_root() / "hub")))
         except Exception as exc:  # network errors come in many types; say what was tried
             raise OSError(f"could not fetch {path_or_uri!r} from the hub (no network?): {exc}") from exc
     raise FileNotFoundError(f"checkpoint {path_or_uri!r} is neither a local directory, an s3:// URI nor a hub id")
 
 
 def _remap_key(key: str) -> str:
-    # defensive: InternVL names the projector mlp1 (spec 6.1 loader recommendation)
+    # defensive: InternVL names the projector mlp1 (docs/phantom.md#checkpoint-keys)
     return "vision_proj." + key[len("mlp1."):] if key.startswith("mlp1.") else key
 
 
@@ -190,7 +196,7 @@ def save_pretrained(model, directory: str, max_shard_bytes: int = 4 * 1024**3, e
 
 
 def quantize_8bit(model) -> None:
-    """Replace linears by bitsandbytes int8 linears, except the corrected skip list (spec H12)."""
+    """Replace linears by bitsandbytes int8 linears, except the corrected skip list (phantom.md#d12)."""
     try:
         import bitsandbytes as bnb
     except ImportError as exc:

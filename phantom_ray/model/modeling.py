@@ -1,13 +1,13 @@
-"""``PhantomForCausalLM``: InternViT + pixel shuffle + ``vision_proj`` + a phantom LLM (spec 1).
+"""``PhantomForCausalLM``: InternViT + pixel shuffle + ``vision_proj`` + a phantom LLM (docs/phantom.md).
 
 One class for every size; the LLM family comes from the config. The model takes tensors only
 (prompt building and tiling live in ``phantom_ray.processing``) and keeps no request state: the
 decoding state of a request is the ``PhantomCache`` passed to ``forward``.
 
-Differences from the original (spec 3.9): a training ``forward`` exists (H: the original had none);
-position ids always come from the attention mask (H14); phantom states are per sequence in the
-cache (H1-H4, H16); every attention kernel runs the phantom branch (H6, H7); the gate is computed
-in fp32 (H8); image-token/feature count mismatches raise ``ValueError`` with both counts.
+Differences from the original (docs/phantom.md#defects): a training ``forward`` exists (D23: the original had none);
+position ids always come from the attention mask (D14); phantom states are per sequence in the
+cache (D1-D4, D16); every attention kernel runs the phantom branch (D6, D7); the gate is computed
+in fp32 (D8); image-token/feature count mismatches raise ``ValueError`` with both counts.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ class PhantomForCausalLM(nn.Module):
         h = self.embed_inputs(input_ids, pixel_values, image_repeat, image_features, check_images=prefill)
         if position_ids is None:
             base = cache.next_position if (cache is not None and cache.next_position is not None) else None
-            position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, L): 0 at the first real token (H14)
+            position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, L): 0 at the first real token (phantom.md#d14)
             if base is not None:
                 position_ids = position_ids + base[:, None]
         llm_cfg = self.config.llm_config

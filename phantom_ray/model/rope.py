@@ -5,7 +5,7 @@
 * Phi-3 ``longrope`` (called ``su`` in older configs).
 
 The original InternLM2 code keeps the dynamically scaled base on the module after one long call
-(spec H20) and Phi-3 picks long/short factors from the longest row of the batch (H21). Here both
+(docs/phantom.md#d20) and Phi-3 picks long/short factors from the longest row of the batch (D21). Here both
 choices are made **per row** from that row's own largest position in the call, so a sequence's
 rotation never depends on its batch mates (batch-invariant generation needs that). As in every
 dynamic-RoPE implementation, a sequence that crosses the switch point during cached decoding keeps
@@ -63,7 +63,8 @@ def rope_cos_sin(cfg: LLMConfig, position_ids: torch.Tensor, dtype: torch.dtype,
                 f"got {short.numel()}/{long.numel()}"
             )
         ext = torch.where(seq_len > orig, long[None], short[None])  # (B, D/2)
-        inv_freq = inv_freq / ext
+        # same float32 op order as transformers' longrope (1 / (ext * base^x)): tables bit-equal to it
+        inv_freq = 1.0 / (ext * base ** exponent)
         ratio = cfg.max_position_embeddings / orig
         if ratio > 1.0:
             scale = math.sqrt(1 + math.log(ratio) / math.log(orig))

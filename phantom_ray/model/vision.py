@@ -1,4 +1,4 @@
-"""InternViT encoder, 0.5 pixel shuffle and the ``vision_proj`` projector (spec 1.3, 1.4).
+"""InternViT encoder, 0.5 pixel shuffle and the ``vision_proj`` projector (docs/phantom.md#vision).
 
 Same code for all four Phantom sizes (InternViT-300M-448px); key names follow the released
 checkpoints (``vision_model.embeddings.*``, ``vision_model.encoder.layers.{i}.*``, ``vision_proj.{0,1,3}``).
@@ -125,7 +125,7 @@ class InternVisionModel(nn.Module):
 
 
 def pixel_shuffle(x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
-    """The reference op order (spec 1.4): (N, w, h, C) -> (N, w*s, h*s, C/s^2); output[i, j] is the
+    """The reference op order (docs/phantom.md#vision): (N, w, h, C) -> (N, w*s, h*s, C/s^2); output[i, j] is the
     concatenation of x[2i, 2j], x[2i, 2j+1], x[2i+1, 2j], x[2i+1, 2j+1]."""
     n, w, h, c = x.shape
     x = x.reshape(n, w, int(h * scale), int(c / scale))

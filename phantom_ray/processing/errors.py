@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
+# The base class and the image error live with the one image-ingest function (phantom_ray.ingest),
+# below processing in the layering; they are the same classes here, so ``except ProcessingError``
+# and ``except ImageError`` catch what ingest raises.
+from phantom_ray.ingest import ImageError, InputError
 
-class ProcessingError(ValueError):
-    """A sample or image cannot be processed. ``reason`` is a short code such as
-    ``undecodable_image`` or ``image_tokens_exceed_max_length``; ``message`` says what to do."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
-
-    def __reduce__(self):  # keep (reason, message) across pickling (Ray ships exceptions)
-        return (type(self), (self.reason, self.message))
-
-
-class ImageError(ProcessingError):
-    """An input image cannot be used (corrupt, empty, too large, absurd aspect ratio, ...)."""
+ProcessingError = InputError
 
 
 class SampleError(ProcessingError):

@@ -1,10 +1,10 @@
-"""Image loading, dynamic tiling and normalisation (spec section 1.6).
+"""Image loading, dynamic tiling and normalisation (docs/phantom.md#image-tiling).
 
 Everything here is pure PIL + numpy + torch: the same code runs in training workers, Ray Data
 actors and Serve replicas. Two things differ from the reference on purpose:
 
 * the tiling parameters (tile size, min/max tiles, thumbnail) come from the model config instead of
-  being hard-coded (spec H13);
+  being hard-coded (docs/phantom.md#d13-config-fields);
 * normalisation works on the whole resized image at once and slices the tiles out of it, instead of
   running ToTensor + Normalize per tile. The tiles are the same pixels (a tile of the resized image
   is a direct crop), so the tensors match the per-tile path to float rounding.
@@ -16,34 +16,26 @@ write into their error tables as is.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
-from phantom_ray.processing.errors import ImageError
+from phantom_ray.ingest import (ALPHA_BACKGROUND, DEFAULT_MAX_ASPECT_RATIO, DEFAULT_MAX_PIXELS, FetchError,
+                                FetchPolicy, ImageError, ImageLimits, fetch_bytes, open_image, to_rgb)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# 8K x 8K. PIL's own decompression-bomb guard is set per process (Image.MAX_IMAGE_PIXELS); ours is a
-# per-call argument so a captioning job and a public endpoint can choose different limits.
-DEFAULT_MAX_PIXELS = 8192 * 8192
-# Same bound as Qwen2-VL's smart_resize: beyond 200:1 a tile grid of <= 6 tiles squeezes the short
-# side to a few pixels, so the model sees noise.
-DEFAULT_MAX_ASPECT_RATIO = 200.0
-# Transparent pixels are composited over white (documents and logos are drawn for a white page).
-ALPHA_BACKGROUND = (255, 255, 255)
+__all__ = ["ALPHA_BACKGROUND", "DEFAULT_MAX_ASPECT_RATIO", "DEFAULT_MAX_PIXELS", "load_image", "to_rgb"]
 
 
 # ------------------------------------------------------------------------------------------------
-# Loading
+# Loading: bytes -> PIL is phantom_ray.ingest.open_image (the one set of limits); this adds the
+# in-memory sources (PIL images, tensors) that only the Python API takes.
 # ------------------------------------------------------------------------------------------------
 
 def load_image(
@@ -54,37 +46,28 @@ def load_image(
 ) -> Image.Image:
     """Return ``src`` as a decoded RGB PIL image, or raise :class:`ImageError`.
 
-    ``src`` may be a PIL image, encoded bytes (JPEG, PNG, WebP, GIF (first frame), BMP, TIFF, ...),
-    a ``data:image/...;base64,`` URI, a local path or ``s3://`` URI, or a uint8 tensor / array shaped (3,H,W),
-    (H,W,3), (1,H,W), (H,W) or with 4 channels (RGBA). The pixel limit is checked from the file
-    header before the pixels are decoded.
+    ``src`` may be a PIL image, encoded bytes (JPEG, PNG, WebP, GIF (first frame), BMP, TIFF),
+    a ``data:image/...;base64,`` URI, a local path or ``s3://`` URI (read as given: this is the
+    trusted Python API), or a uint8 tensor / array shaped (3,H,W), (H,W,3), (1,H,W), (H,W) or with
+    4 channels (RGBA). Encoded bytes go through :func:`phantom_ray.ingest.open_image`.
     """
+    limits = ImageLimits(max_pixels=max_pixels, max_aspect_ratio=max_aspect_ratio)
     if isinstance(src, Image.Image):
         img = src
-        _check_size(img.size, max_pixels, max_aspect_ratio)
+        limits.check_size(img.size)
     elif isinstance(src, (bytes, bytearray, memoryview)):
-        img = _decode(bytes(src), max_pixels, max_aspect_ratio, exif_transpose, what="image bytes")
+        img = _open(bytes(src), limits, exif_transpose, "image bytes")
     elif isinstance(src, (str, Path)):
         s = str(src)
-        if s.startswith("data:"):
-            img = _decode(_data_uri_bytes(s), max_pixels, max_aspect_ratio, exif_transpose, what="data URI")
-        elif s.startswith("s3://"):
-            from phantom_ray.storage import read_bytes
-
-            try:
-                data = read_bytes(s)
-            except (OSError, ValueError) as exc:  # FileNotFoundError for a missing object
-                raise ImageError("unreadable_image", f"cannot read image {s!r}: {exc}") from exc
-            img = _decode(data, max_pixels, max_aspect_ratio, exif_transpose, what=s)
-        else:
-            try:
-                data = Path(s).read_bytes()
-            except OSError as exc:
-                raise ImageError("unreadable_image", f"cannot read image file {s!r}: {exc}") from exc
-            img = _decode(data, max_pixels, max_aspect_ratio, exif_transpose, what=f"file {s!r}")
+        try:
+            data = fetch_bytes(s, FetchPolicy(max_bytes=limits.max_bytes))
+        except FetchError as exc:
+            reason = "undecodable_image" if s.startswith("data:") else "unreadable_image"
+            raise ImageError(reason, f"cannot read image {s[:120]!r}: {exc.message}") from None
+        img = _open(data, limits, exif_transpose, "data URI" if s.startswith("data:") else f"file {s!r}")
     elif isinstance(src, (torch.Tensor, np.ndarray)):
         img = _from_array(src)
-        _check_size(img.size, max_pixels, max_aspect_ratio)
+        limits.check_size(img.size)
     else:
         raise ImageError(
             "unsupported_input",
@@ -94,56 +77,8 @@ def load_image(
     return to_rgb(img)
 
 
-def _data_uri_bytes(uri: str) -> bytes:
-    head, _, payload = uri.partition(",")
-    if not head.endswith(";base64") or not payload:
-        raise ImageError("undecodable_image", f"data URI {head[:40]!r}... is not a base64 image")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ImageError("undecodable_image", f"data URI has invalid base64: {exc}") from exc
-
-
-def _check_size(size: tuple[int, int], max_pixels: int, max_aspect_ratio: float | None) -> None:
-    w, h = size
-    if w <= 0 or h <= 0:
-        raise ImageError("empty_image", f"image has zero size ({w}x{h})")
-    if max_pixels and w * h > max_pixels:
-        raise ImageError(
-            "too_many_pixels",
-            f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} (raise max_pixels if intended)",
-        )
-    if max_aspect_ratio and max(w / h, h / w) > max_aspect_ratio:
-        raise ImageError(
-            "bad_aspect_ratio",
-            f"image is {w}x{h}, aspect ratio {max(w / h, h / w):.1f}:1 is over the limit of {max_aspect_ratio:g}:1",
-        )
-
-
-def _decode(data: bytes, max_pixels: int, max_aspect_ratio: float | None, exif: bool, what: str) -> Image.Image:
-    if len(data) == 0:
-        raise ImageError("empty_image", f"{what} is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            # our own limit below replaces PIL's process-wide warning
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageError("too_many_pixels", f"{what}: {exc}") from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(
-            "undecodable_image", f"{what} ({len(data)} bytes, starts {data[:8]!r}) is not a readable image: {exc}"
-        ) from exc
-    _check_size(img.size, max_pixels, max_aspect_ratio)  # from the header, before decoding pixels
-    try:
-        img.seek(0)  # first frame of animations (GIF, APNG, WebP)
-        img.load()
-        if exif:
-            img = ImageOps.exif_transpose(img)
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        fmt = img.format or "image"
-        raise ImageError("undecodable_image", f"{what}: {fmt} data is corrupt or truncated: {exc}") from exc
-    return img
+def _open(data: bytes, limits: ImageLimits, exif_transpose: bool, what: str) -> Image.Image:
+    return open_image(data, limits, what=what, exif_transpose=exif_transpose)
 
 
 def _from_array(x: torch.Tensor | np.ndarray) -> Image.Image:
@@ -170,48 +105,8 @@ def _from_array(x: torch.Tensor | np.ndarray) -> Image.Image:
     return Image.fromarray(arr[:, :, 0] if c == 1 else arr)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB: alpha over white, 16/32-bit and float scaled to 8 bits, CMYK/YCbCr/LAB
-    converted by PIL, palette expanded (with its transparency)."""
-    if img.size[0] <= 0 or img.size[1] <= 0:
-        raise ImageError("empty_image", f"image has zero size {img.size}")
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-    elif mode == "L" and "transparency" in img.info:
-        img = img.convert("LA")
-        mode = "LA"
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return Image.fromarray(_scale_to_uint8(np.asarray(img))).convert("RGB")
-    if mode in ("RGBA", "LA", "La", "RGBa", "PA"):
-        rgba = img.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    try:
-        return img.convert("RGB")
-    except (ValueError, OSError) as exc:
-        raise ImageError("unsupported_input", f"cannot convert image mode {mode!r} to RGB: {exc}") from exc
-
-
-def _scale_to_uint8(a: np.ndarray) -> np.ndarray:
-    a = a.astype(np.float64)
-    hi = float(a.max()) if a.size else 0.0
-    if hi <= 1.0 and a.dtype.kind == "f" and float(a.min()) >= 0.0:
-        scale = 255.0  # float images in [0, 1]
-    elif hi <= 255.0:
-        scale = 1.0
-    elif hi <= 65535.0:
-        scale = 255.0 / 65535.0  # 16-bit
-    else:
-        scale = 255.0 / hi
-    return np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
-
-
 # ------------------------------------------------------------------------------------------------
-# Tiling (spec 1.6)
+# Tiling (docs/phantom.md#image-tiling)
 # ------------------------------------------------------------------------------------------------
 
 def candidate_grids(min_tiles: int = 1, max_tiles: int = 6) -> list[tuple[int, int]]:
@@ -219,7 +114,7 @@ def candidate_grids(min_tiles: int = 1, max_tiles: int = 6) -> list[tuple[int, i
 
     The reference builds a Python set and sorts it by tile count; the sort is stable, so grids with
     the same count keep the set's iteration order. Tuples of small ints hash deterministically in
-    CPython, so rebuilding the set the same way reproduces that order exactly (spec 1.6 step 2)."""
+    CPython, so rebuilding the set the same way reproduces that order exactly (phantom.md#image-tiling)."""
     ratios = set(
         (i, j)
         for n in range(min_tiles, max_tiles + 1)
@@ -233,7 +128,7 @@ def candidate_grids(min_tiles: int = 1, max_tiles: int = 6) -> list[tuple[int, i
 def choose_grid(width: int, height: int, image_size: int = 448, min_tiles: int = 1, max_tiles: int = 6,
                 grids: list[tuple[int, int]] | None = None) -> tuple[int, int]:
     """Closest aspect ratio; exact ties go to the later grid only when the image area exceeds half
-    of that grid's canvas (spec 1.6 step 3)."""
+    of that grid's canvas (docs/phantom.md#image-tiling)."""
     aspect_ratio = width / height
     best_diff = float("inf")
     best = (1, 1)

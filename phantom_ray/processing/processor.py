@@ -1,12 +1,12 @@
 """PhantomProcessor: (images, conversation) -> token ids, labels, pixel values; and collation.
 
-Spec sections 1.5, 1.6, 3.5 and 4. Fixes of the reference:
+docs/phantom.md (#image-tiling, #phantom-token, #prompts). Fixes of the reference (#defects):
 
-* H10: ``<image>`` is prepended iff images are given and the text has no placeholder; a stray
+* D10: ``<image>`` is prepended iff images are given and the text has no placeholder; a stray
   placeholder in a text-only sample is removed.
-* H11: every ``<image>`` placeholder gets the tiles of its own image (count checked), and the
+* D11: every ``<image>`` placeholder gets the tiles of its own image (count checked), and the
   phantom index is taken from the padding side actually used.
-* H17: ids are built segment by segment (special tokens by id, the text between them with the
+* D17: ids are built segment by segment (special tokens by id, the text between them with the
   tokenizer, each assistant answer on its own), so the label mask boundary is exact.
 
 The processor is pure Python/torch; it pickles, so Ray Data actors and Serve replicas can carry it.
@@ -33,7 +33,7 @@ from phantom_ray.processing.tokenizers import check_image_token
 IMAGE_PLACEHOLDER = "<image>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 
-# spec 4.1 prompt_rule dicts (split is "" for every family)
+# the original's prompt_rule dicts (docs/phantom.md#prompts) (split is "" for every family)
 PROMPT_RULES: dict[str, dict[str, str]] = {
     "chatml": {
         "system_start": "<|im_start|>system\n", "system_end": "<|im_end|>",
@@ -143,7 +143,7 @@ class PhantomProcessor:
         self.rule = PROMPT_RULES[self.template]
         self.image_size = config.image_size
         self.num_image_token = config.num_image_token
-        # dynamic_image_size=False means one tile per image (the reference ignored the flag, H13)
+        # dynamic_image_size=False means one tile per image (the reference ignored the flag, phantom.md#d13)
         self.min_tiles = config.min_dynamic_patch if config.dynamic_image_size else 1
         self.max_tiles = config.max_dynamic_patch if config.dynamic_image_size else 1
         self.use_thumbnail = config.use_thumbnail
@@ -174,7 +174,7 @@ class PhantomProcessor:
 
     @property
     def stop_token_ids(self) -> list[int]:
-        """Generation stops on config.eos_token_id and on the assistant end token (spec 4.4)."""
+        """Generation stops on config.eos_token_id and on the assistant end token (docs/phantom.md#prompts)."""
         ids = list(self.config.stop_token_ids)
         if self.end_token_id not in ids:
             ids.append(self.end_token_id)
@@ -231,11 +231,11 @@ class PhantomProcessor:
                 raise SampleError("empty_answer", f"assistant turn {k} is empty")
         n_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in msgs if m["role"] == "user")
         if n_images == 0 and n_placeholders:
-            for m in msgs:  # H10: no stray <image> in text-only samples
+            for m in msgs:  # phantom.md#d10: no stray <image> in text-only samples
                 if m["role"] == "user":
                     m["content"] = m["content"].replace(IMAGE_PLACEHOLDER, "")
         elif n_images and n_placeholders == 0:
-            msgs[0]["content"] = IMAGE_PLACEHOLDER * n_images + msgs[0]["content"]  # spec 4.2: image first
+            msgs[0]["content"] = IMAGE_PLACEHOLDER * n_images + msgs[0]["content"]  # image first (phantom.md#prompts)
         elif n_images != n_placeholders:
             raise SampleError(
                 "image_count_mismatch",
@@ -263,7 +263,7 @@ class PhantomProcessor:
 
     def build_prompt(self, messages, system: str | None = None, add_generation_prompt: bool = True,
                      num_tiles: Sequence[int] | None = None) -> str:
-        """The exact template string (spec 4.1/4.2). With ``num_tiles`` (one entry per image) the
+        """The exact template string (docs/phantom.md#prompts). With ``num_tiles`` (one entry per image) the
         ``<image>`` placeholders are expanded to ``<img><IMG_CONTEXT>*K</img>``; otherwise they stay."""
         messages, part_images = split_content_parts(messages)
         n_images = len(num_tiles) if num_tiles is not None else (len(part_images) or None)
@@ -433,7 +433,7 @@ class PhantomProcessor:
     # ---- batching --------------------------------------------------------------------------------
     def collate(self, samples: Sequence[Sample], padding_side: str = "right") -> dict:
         """Pad a list of samples into a batch. ``phantom_index`` is the first real token of each row
-        (spec 3.5) for the padding side used; ``num_tiles`` is the total tiles per row."""
+        (docs/phantom.md#phantom-token) for the padding side used; ``num_tiles`` is the total tiles per row."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if not samples:

@@ -193,7 +193,7 @@ class SentencePieceTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         if add_special_tokens:
-            raise NotImplementedError("Phantom prompts never add BOS/EOS (spec 4.2)")
+            raise NotImplementedError("Phantom prompts never add BOS/EOS (docs/phantom.md#prompts)")
         parts = self._split_re.split(text) if self._split_re is not None else [text]
         ids: list[int] = []
         for part in parts:
@@ -265,7 +265,21 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("PHANTOM_RAY_CACHE", Path.home() / ".cache" / "phantom_ray"))
+    from phantom_ray.model.loading import cache_root  # the one cache root for every download
+
+    return cache_root()
+
+
+def _download_hub(repo_id: str) -> Path:
+    """Only the tokenizer files of a hub repository (where the network allows)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=list(_TOKENIZER_FILES),
+                                      cache_dir=str(_cache_root() / "hub")))
+    except Exception as exc:  # noqa: BLE001 - network errors come in many types; say what was tried
+        raise FileNotFoundError(f"tokenizer {repo_id!r}: not a preset or directory, and the hub "
+                                f"download failed (no network?): {exc}") from exc
 
 
 def _download_s3_dir(uri: str) -> Path:
@@ -294,7 +308,7 @@ def _download_s3_dir(uri: str) -> Path:
 
 
 def load_tokenizer(path_or_preset: str, config: PhantomConfig | None = None):
-    """Tokenizer for a preset (``tiny-*``), a checkpoint directory, or an ``s3://`` prefix.
+    """Tokenizer for a preset (``tiny-*``), a checkpoint directory, an ``s3://`` prefix or a hub id.
 
     With a ``config`` (or a ``config.json`` next to the tokenizer), checks that ``<IMG_CONTEXT>``
     maps to ``config.image_token_index`` and raises ``ValueError`` naming both ids otherwise."""
@@ -305,7 +319,9 @@ def load_tokenizer(path_or_preset: str, config: PhantomConfig | None = None):
             config = PhantomConfig.from_preset(src)
         tok = build_tiny_tokenizer(config.template)
     else:
-        d = _download_s3_dir(src) if src.startswith("s3://") else Path(src)
+        d = _download_s3_dir(src) if src.startswith("s3://") else Path(src).expanduser()
+        if not d.exists() and src.count("/") == 1 and not src.startswith((".", "/", "~")):
+            d = _download_hub(src)  # "org/name" that is not a local path
         if not d.is_dir():
             raise FileNotFoundError(
                 f"tokenizer source {src!r} is neither a tiny-* preset nor a directory with tokenizer files"

@@ -30,7 +30,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phantom_ray.serving.config import ServeArgs
-from phantom_ray.serving.protocol import APIError, ChatCompletionRequest, ImagePolicy, to_payload, validation_message
+from phantom_ray.serving.protocol import (APIError, ChatCompletionRequest, ImagePolicy, max_prompt_chars,
+                                          reject_unsupported, to_payload, validation_message)
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ class Frontend:
         self.policy = ImagePolicy(
             allowed_prefixes=args.allowed_image_url_prefixes, max_images=args.max_images_per_request,
             max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
-            fetch_timeout_s=args.image_fetch_timeout_s,
+            fetch_timeout_s=args.image_fetch_timeout_s, allow_private=args.allow_private_image_hosts,
         )
+        self.max_body_bytes = args.max_request_bytes or largest_request_bytes(args)
         self.created = int(time.time())
         self.on_response = on_response  # (path, status) after every HTTP response, for metrics
 
@@ -71,6 +73,35 @@ class Frontend:
 
     def model_card(self, name: str) -> dict:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "phantom_ray"}
+
+
+def largest_request_bytes(args: ServeArgs) -> int:
+    """The body size of the largest legitimate request: every allowed image inline as base64, the
+    longest prompt text the models take with every character JSON-escaped (``\\uXXXX``: 6 bytes),
+    and room for the other fields. Anything larger is refused before it is read."""
+    images = args.max_images_per_request * (4 * ((args.max_image_bytes + 2) // 3) + 64)
+    text = max(max_prompt_chars(m.max_prompt_tokens) for m in args.models) * 6
+    return images + text + 64 * 1024
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it passes ``limit`` bytes: a declared
+    Content-Length is checked first, a chunked body while it streams in."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is {declared} bytes, over the limit of {limit}", "request_too_large")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise APIError(413, f"request body is over the limit of {limit} bytes", "request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -142,20 +173,17 @@ def create_api(frontend: Frontend) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         frontend.check_auth(request)
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > frontend.args.max_request_bytes:
-            raise APIError(413, f"request body is {declared} bytes, over the limit of "
-                                f"{frontend.args.max_request_bytes}", "request_too_large")
-        raw = await request.body()
-        if len(raw) > frontend.args.max_request_bytes:
-            raise APIError(413, f"request body is {len(raw)} bytes, over the limit of "
-                                f"{frontend.args.max_request_bytes}", "request_too_large")
+        if not _is_json(request.headers.get("content-type", "")):
+            raise APIError(415, f"Content-Type must be application/json, got "
+                                f"{request.headers.get('content-type') or 'none'!r}", "unsupported_media_type")
+        raw = await _read_body(request, frontend.max_body_bytes)
         try:
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"request body is not valid JSON: {exc}", "invalid_json") from exc
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object", "invalid_json")
+        body = reject_unsupported(body)
         try:
             req = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
@@ -165,7 +193,8 @@ def create_api(frontend: Frontend) -> FastAPI:
             raise APIError(404, f"the model {req.model!r} does not exist; see GET /v1/models",
                            "model_not_found", "model")
         spec = frontend.args.model(req.model)
-        payload = await to_payload(req, frontend.policy, spec.max_tokens_limit, spec.default_max_tokens)
+        payload = await to_payload(req, frontend.policy, spec.max_tokens_limit, spec.default_max_tokens,
+                                   spec.max_prompt_tokens)
         first, events = await _first_event(frontend, req.model, payload)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())

@@ -7,7 +7,7 @@
 ``build_app(args)`` validates ``args`` (``phantom_ray.serving.config.ServeArgs``) and binds:
 
 * ``PhantomModel-<name>`` per model: a replica loads the checkpoint (``ModelWorker``) and batches
-  concurrent requests into one generation (``BatchingEngine``); it has its own resources
+  concurrent requests into one generation (its engine, ``phantom_ray.infer.api``); it has its own resources
   (fractional GPUs allowed), ``max_ongoing_requests``, ``max_queued_requests`` and autoscaling;
 * ``PhantomIngress``: the FastAPI app of ``phantom_ray.serving.api``, routing by the ``model`` field
   to the model deployments' handles (streaming calls). A model whose queue is full answers 503.

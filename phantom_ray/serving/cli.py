@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import signal
 import sys
 import threading
+
+from phantom_ray import storage
 
 
 def register(subparsers) -> None:
@@ -70,12 +71,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     host = args.host or schema.http_options.host or "127.0.0.1"
     port = args.port or schema.http_options.port or 8000
-    env_vars: dict[str, str] = {}
+    # the job's runtime_env carries the storage settings and the applications' env_vars to every
+    # replica, on a local Ray and on a cluster alike
+    env_vars: dict[str, str] = dict(storage.storage_env())
     for app in schema.applications:
         env_vars.update((app.runtime_env or {}).get("env_vars", {}))
-    os.environ.update(env_vars)  # the replicas are started from this process's environment
     init_kwargs = {"address": args.address} if args.address else {"num_cpus": args.num_cpus}
-    ray.init(**init_kwargs, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
+    from phantom_ray.runtime import init_ray
+
+    init_ray(**init_kwargs, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

@@ -1,4 +1,5 @@
-"""Typed arguments of the Serve application (``build_app(args)``), as pydantic models.
+"""Typed arguments of the Serve application (``build_app(args)``), in the one config style
+(:class:`phantom_ray.config.Config`: strict fields, YAML, dotted overrides).
 
 The ``args`` block of a Serve config file (``serve/local-cpu.yaml``, ``serve/gpu-cluster.yaml``,
 the RayService ``serveConfigV2``) is validated here when the application is built: a misspelt or
@@ -10,19 +11,23 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from phantom_ray.config import Config
+
+from phantom_ray.ingest import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 # Model names become part of Serve deployment names and appear in URLs' JSON bodies: keep them plain.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(Config):
     """One served model: its checkpoint, how a replica loads it, and how Serve scales it."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="the `model` field requests use to pick this model")
     checkpoint: str = Field(description="a preset name (random weights), a local directory or an s3:// prefix")
+    engine: Literal["auto", "torch", "vllm"] = Field(
+        "auto", description="generation backend (phantom_ray.infer.api.load_engine): auto = vllm where installed")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     attn_implementation: Literal["eager", "sdpa", "flash"] = "sdpa"
     # replica resources; fractional GPUs let small models share a card
@@ -108,10 +113,8 @@ class ModelSpec(BaseModel):
         return opts
 
 
-class ServeArgs(BaseModel):
+class ServeArgs(Config):
     """The whole application: the models and the HTTP front's request policy."""
-
-    model_config = ConfigDict(extra="forbid")
 
     models: list[ModelSpec] = Field(min_length=1)
     # name of the environment variable holding accepted API keys (comma-separated); None or an unset /
@@ -121,10 +124,16 @@ class ServeArgs(BaseModel):
     # "https://images.example.com/"); empty: only inline data: URIs are accepted
     allowed_image_url_prefixes: list[str] = Field(default_factory=list)
     max_images_per_request: int = Field(4, ge=0)
-    max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(4096 * 4096, ge=1)
-    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    # image limits default to the one set every entry point uses (phantom_ray.ingest.ImageLimits)
+    max_image_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    # None: sized to the largest legitimate request (max_images_per_request base64 images of
+    # max_image_bytes plus the longest prompt text, JSON-escaped); see Frontend.max_body_bytes
+    max_request_bytes: int | None = Field(None, ge=1)
     image_fetch_timeout_s: float = Field(10.0, gt=0)
+    # image URLs that resolve to loopback/private addresses are refused unless this is set (for an
+    # image server inside the cluster's network); link-local/metadata addresses are always refused
+    allow_private_image_hosts: bool = False
     ingress_num_cpus: float = Field(0.25, gt=0)
     ingress_num_replicas: int = Field(1, ge=1)
     # streaming responses hold an ingress slot for their whole generation: keep this well above the

@@ -4,25 +4,26 @@ Pure Python (pydantic + PIL); no Ray, no FastAPI. The HTTP front (``phantom_ray.
 turns a validated ``ChatCompletionRequest`` into the normalised payload the model replicas take:
 user content parts become text with ``<image>`` placeholders plus a list of encoded images.
 
-Image URLs: ``data:image/...;base64,...`` always; ``s3://`` and ``http(s)://`` only when the
-application's ``allowed_image_url_prefixes`` lists a prefix of the URL. Sizes are checked before any
-pixel is decoded: the encoded bytes against ``max_image_bytes`` and the header's width x height
-against ``max_image_pixels`` (both 413); undecodable data is a 400.
+Image URLs: ``data:image/...;base64,...`` always; ``s3://`` and ``http(s)://`` only under an entry
+of the application's ``allowed_image_url_prefixes``, fetched and decoded by the one ingest function
+(:mod:`phantom_ray.ingest`: URL normalisation, per-hop redirect checks, address checks, byte and
+time bounds; the same image limits as pack, caption and eval). Over-size images are 413, every
+other bad image or URL a 400 naming the reason.
+
+Parameters: every field of OpenAI's request that we honour is in :class:`ChatCompletionRequest`;
+a field we do not honour is a 400 (``unsupported_parameter``) unless its value asks for nothing
+(``n: 1``, ``logprobs: false``, ``response_format: {"type": "text"}``, ``null``, ...), so a client
+is never told 200 for something that was silently ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
-import urllib.error
-import urllib.request
-import warnings
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from phantom_ray.ingest import FetchError, FetchPolicy, ImageError, ImageLimits, fetch_bytes, open_image
 from phantom_ray.processing.processor import IMAGE_PLACEHOLDER
 
 
@@ -48,6 +49,7 @@ _ERROR_TYPES = {
     401: "authentication_error",
     404: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     503: "server_overloaded",
 }
@@ -55,38 +57,39 @@ _ERROR_TYPES = {
 
 # ---- request model ---------------------------------------------------------------------------------
 class ImageURL(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     url: str
-    detail: Literal["auto", "low", "high"] | None = None
+    detail: Literal["auto", "low", "high"] | None = None  # a hint; Phantom's tiling is always "auto"
 
 
 class ContentPart(BaseModel):
-    """A text or image_url part; other types are refused with a 400 naming the type."""
+    """A text or image_url part; other types are refused with a 400 naming the type (their own
+    fields are kept so that the type, not a field, is named); extra fields on a text or image_url
+    part are refused in ``to_payload``."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
     image_url: ImageURL | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: str | None = None  # OpenAI: a participant name; accepted and not used (it changes nothing)
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
-    """The fields of OpenAI's chat completions request that Phantom honours. Unknown fields are
-    ignored (as vLLM does); fields that ask for something unsupported (``n`` > 1, tools, logprobs)
-    are refused."""
+    """The fields of OpenAI's chat completions request that Phantom honours (everything else is
+    refused by :func:`reject_unsupported` before this model sees the body)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
@@ -96,14 +99,11 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: int | None = Field(None, ge=1, le=1, description="only n=1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: str | None = None  # an end-user id for the caller's own abuse tracking; no effect on output
     # vLLM's extension, for load tests that need fixed-length answers
     ignore_eos: bool = False
-    logprobs: bool | None = None
-    tools: list[Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -117,19 +117,65 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("stop sequences must be non-empty")
         return stops
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v):
-        if v:
-            raise ValueError("logprobs are not supported")
-        return v
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, v):
-        if v:
-            raise ValueError("tools are not supported")
-        return v
+# OpenAI request fields we do not implement -> the values that ask for nothing (accepted, dropped).
+# Any other value (or any field not listed here nor in ChatCompletionRequest) is a 400.
+_NOOP_VALUES: dict[str, tuple] = {
+    "n": (1,),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "frequency_penalty": (0, 0.0),
+    "presence_penalty": (0, 0.0),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "parallel_tool_calls": (True, False),  # meaningless without tools, which are refused
+    "response_format": ({"type": "text"},),
+    "modalities": (["text"],),
+    "store": (False,),
+    "metadata": ({},),
+    "service_tier": ("auto", "default"),
+}
+_MESSAGE_NOOP: dict[str, tuple] = {"tool_calls": ([],), "refusal": (), "function_call": (), "audio": ()}
+
+
+def _is_noop(value, allowed: tuple) -> bool:
+    return value is None or any(type(value) is type(a) and value == a for a in allowed) or (
+        isinstance(value, (int, float)) and not isinstance(value, bool)
+        and any(isinstance(a, (int, float)) and not isinstance(a, bool) and value == a for a in allowed))
+
+
+def reject_unsupported(body: dict) -> dict:
+    """400 for every request field we would otherwise ignore; drops the no-op ones. Runs on the raw
+    JSON before validation, so the message names the parameter instead of a pydantic error."""
+    honoured = set(ChatCompletionRequest.model_fields)
+    out = {}
+    for key, value in body.items():
+        if key in honoured:
+            out[key] = value
+        elif key in _NOOP_VALUES and _is_noop(value, _NOOP_VALUES[key]):
+            continue
+        else:
+            hint = " (only n=1 is supported)" if key == "n" else ""
+            raise APIError(400, f"parameter {key!r} is not supported by this server{hint}; remove it",
+                           "unsupported_parameter", key)
+    msgs = out.get("messages")
+    if isinstance(msgs, list):
+        fields = set(ChatMessage.model_fields)
+        cleaned = []
+        for i, m in enumerate(msgs):
+            if isinstance(m, dict):
+                for key in [k for k in m if k not in fields]:
+                    if key in _MESSAGE_NOOP and _is_noop(m[key], _MESSAGE_NOOP[key]):
+                        m = {k: v for k, v in m.items() if k != key}
+                    else:
+                        raise APIError(400, f"messages.{i}: field {key!r} is not supported by this server",
+                                       "unsupported_parameter", f"messages.{i}.{key}")
+            cleaned.append(m)
+        out["messages"] = cleaned
+    return out
 
 
 def validation_message(exc) -> tuple[str, str | None]:
@@ -142,92 +188,88 @@ def validation_message(exc) -> tuple[str, str | None]:
 
 
 # ---- images ----------------------------------------------------------------------------------------
-class ImagePolicy(BaseModel):
-    allowed_prefixes: list[str] = Field(default_factory=list)
-    max_images: int = 4
-    max_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 4096 * 4096
-    fetch_timeout_s: float = 10.0
+class ImagePolicy:
+    """How the API takes images: fetched by :func:`phantom_ray.ingest.fetch_bytes` under ``fetch``
+    (no local paths; ``s3://`` only when an ``s3://`` prefix is allowed) and checked by
+    :func:`phantom_ray.ingest.open_image` under ``limits`` (the same limits the replicas apply)."""
+
+    def __init__(self, allowed_prefixes=(), max_images: int = 4, max_bytes: int | None = None,
+                 max_pixels: int | None = None, fetch_timeout_s: float = 10.0, allow_private: bool = False):
+        limits = ImageLimits()
+        self.limits = ImageLimits(max_bytes=max_bytes or limits.max_bytes, max_pixels=max_pixels or limits.max_pixels)
+        self.max_images = max_images
+        allowed = tuple(allowed_prefixes)
+        self.fetch = FetchPolicy(allow_local=False, allow_s3=any(p.startswith("s3://") for p in allowed),
+                                 allow_data=True, allowed_urls=allowed, allow_private=allow_private,
+                                 max_bytes=self.limits.max_bytes, timeout_s=fetch_timeout_s)
+
+    @property
+    def max_bytes(self) -> int:
+        return self.limits.max_bytes
 
 
-def _data_uri(url: str, max_bytes: int, param: str) -> bytes:
-    head, sep, payload = url.partition(",")
-    if not sep or not head.startswith("data:image/") or not head.endswith(";base64"):
-        raise APIError(400, f"{param}: data URI must be data:image/<format>;base64,<data>", "invalid_image_url", param)
-    if len(payload) * 3 // 4 > max_bytes + 3:  # checked before decoding: no allocation for huge payloads
-        raise APIError(413, f"{param}: image is about {len(payload) * 3 // 4} bytes, over the limit of {max_bytes}",
-                       "image_too_large", param)
-    try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise APIError(400, f"{param}: invalid base64 in data URI ({exc})", "invalid_base64", param) from exc
-    if not data:
-        raise APIError(400, f"{param}: data URI holds no bytes", "invalid_image", param)
-    return data
+_FETCH_STATUS = {
+    "source_not_allowed": (400, "image_url_not_allowed"),
+    "address_not_allowed": (400, "image_url_not_allowed"),
+    "bad_source": (400, "invalid_image_url"),
+    "invalid_base64": (400, "invalid_base64"),
+    "not_found": (400, "image_fetch_failed"),
+    "fetch_failed": (400, "image_fetch_failed"),
+    "source_too_large": (413, "image_too_large"),
+}
 
 
-def _fetch_sync(url: str, max_bytes: int, timeout: float, param: str) -> bytes:
-    if url.startswith("s3://"):
-        from phantom_ray.storage import read_bytes
-
-        try:
-            data = read_bytes(url)
-        except (OSError, ValueError) as exc:
-            raise APIError(400, f"{param}: cannot read {url}: {exc}", "image_fetch_failed", param) from exc
-    else:
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - prefix-allowlisted
-                data = resp.read(max_bytes + 1)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise APIError(400, f"{param}: cannot fetch {url}: {exc}", "image_fetch_failed", param) from exc
-    if len(data) > max_bytes:
-        raise APIError(413, f"{param}: image is over the limit of {max_bytes} bytes", "image_too_large", param)
-    return data
-
-
-def check_image_header(data: bytes, max_pixels: int, param: str) -> None:
-    """Reads only the header: 400 if it is no image, 413 if width x height is over the limit."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-    except Image.DecompressionBombError as exc:
-        raise APIError(413, f"{param}: {exc}", "image_too_large", param) from exc
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise APIError(400, f"{param}: not a decodable image ({len(data)} bytes)", "invalid_image", param) from exc
-    if w * h > max_pixels:
-        raise APIError(413, f"{param}: image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}",
-                       "image_too_large", param)
+def _check_image(data: bytes, limits: ImageLimits) -> None:
+    open_image(data, limits)  # the full decode the replica will do: refuse here, with a 4xx
 
 
 async def load_image_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
-    if url.startswith("data:"):
-        data = _data_uri(url, policy.max_bytes, param)
-    elif url.startswith(("s3://", "http://", "https://")):
-        if not any(url.startswith(p) for p in policy.allowed_prefixes):
-            raise APIError(400, f"{param}: image URLs must be data: URIs or start with an allowed prefix "
-                                f"({', '.join(policy.allowed_prefixes) or 'none configured'})",
-                           "image_url_not_allowed", param)
-        data = await asyncio.to_thread(_fetch_sync, url, policy.max_bytes, policy.fetch_timeout_s, param)
-    else:
-        raise APIError(400, f"{param}: unsupported image URL scheme in {url[:32]!r}", "invalid_image_url", param)
-    check_image_header(data, policy.max_pixels, param)
+    """The encoded bytes of one image_url, checked as the replicas will decode them."""
+    try:
+        if url[:5].lower() == "data:":
+            data = fetch_bytes(url, policy.fetch)  # no I/O: decode in place
+        else:
+            data = await asyncio.to_thread(fetch_bytes, url, policy.fetch)
+        await asyncio.to_thread(_check_image, data, policy.limits)
+    except FetchError as exc:
+        status, code = _FETCH_STATUS.get(exc.reason, (400, "image_fetch_failed"))
+        if code == "image_url_not_allowed":
+            allowed = ", ".join(policy.fetch.allowed_urls) or "none configured"
+            msg = f"{param}: {exc.message} (image URLs must be data: URIs or under an allowed prefix: {allowed})"
+        else:
+            msg = f"{param}: {exc.message}"
+        raise APIError(status, msg, code, param) from None
+    except ImageError as exc:
+        big = exc.reason in ("image_too_large", "too_many_pixels")
+        raise APIError(413 if big else 400, f"{param}: {exc.reason}: {exc.message}",
+                       "image_too_large" if big else "invalid_image", param) from None
     return data
 
 
 # ---- conversion ------------------------------------------------------------------------------------
+# A cheap bound on prompt text before the replica tokenises it: no tokenizer we serve averages more
+# than this many characters per token (long whitespace/punctuation runs merge into tokens of up to
+# ~16 characters; 32 leaves room), so more characters than max_prompt_tokens * this cannot fit.
+MAX_CHARS_PER_TOKEN = 32
+
+
+def max_prompt_chars(max_prompt_tokens: int) -> int:
+    return max_prompt_tokens * MAX_CHARS_PER_TOKEN
+
+
 async def to_payload(req: ChatCompletionRequest, policy: ImagePolicy, max_tokens_limit: int,
-                     default_max_tokens: int) -> dict:
-    """Validated request -> the replica payload (see ``phantom_ray.serving.worker``)."""
+                     default_max_tokens: int, max_prompt_tokens: int | None = None) -> dict:
+    """Validated request -> the replica payload (see ``phantom_ray.serving.worker``). Cheap checks
+    (empty content, text length, image count, max_tokens) run before any image is fetched."""
     system_parts: list[str] = []
     messages: list[dict] = []
     image_urls: list[tuple[str, str]] = []
     for i, m in enumerate(req.messages):
         param = f"messages.{i}.content"
         if m.role in ("system", "developer"):
+            if m.content == "" or m.content == []:
+                raise APIError(400, f"{param}: content is empty; leave the {m.role} message out instead",
+                               "empty_content", param)
             if messages:
                 raise APIError(400, f"messages.{i}: a {m.role} message must come before the conversation",
                                "invalid_messages", f"messages.{i}.role")
@@ -235,6 +277,8 @@ async def to_payload(req: ChatCompletionRequest, policy: ImagePolicy, max_tokens
             continue
         if m.content is None:
             raise APIError(400, f"{param}: content is required", "invalid_messages", param)
+        if m.content == "" or m.content == []:
+            raise APIError(400, f"{param}: content is empty; send text or an image", "empty_content", param)
         if isinstance(m.content, str):
             text = m.content
         elif m.role == "assistant":
@@ -243,6 +287,10 @@ async def to_payload(req: ChatCompletionRequest, policy: ImagePolicy, max_tokens
             pieces = []
             for j, part in enumerate(m.content):
                 pparam = f"{param}.{j}"
+                extra = sorted((part.model_extra or {}).keys())
+                if part.type in ("text", "image_url") and extra:
+                    raise APIError(400, f"{pparam}: field {extra[0]!r} is not supported by this server",
+                                   "unsupported_parameter", f"{pparam}.{extra[0]}")
                 if part.type == "text":
                     if part.text is None:
                         raise APIError(400, f"{pparam}: text part without text", "invalid_content", pparam)
@@ -257,6 +305,11 @@ async def to_payload(req: ChatCompletionRequest, policy: ImagePolicy, max_tokens
                                    "unsupported_content_type", f"{pparam}.type")
             text = "".join(pieces)
         messages.append({"role": m.role, "content": text})
+    n_chars = sum(len(t) for t in system_parts) + sum(len(m["content"]) for m in messages)
+    if max_prompt_tokens is not None and n_chars > max_prompt_chars(max_prompt_tokens):
+        raise APIError(400, f"the prompt has {n_chars} characters; this model takes at most {max_prompt_tokens} "
+                            f"tokens, which never holds more than {max_prompt_chars(max_prompt_tokens)} characters",
+                       "prompt_exceeds_max_length", "messages")
     if len(image_urls) > policy.max_images:
         raise APIError(400, f"{len(image_urls)} images in the request, over the limit of {policy.max_images}",
                        "too_many_images", "messages")

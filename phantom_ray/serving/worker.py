@@ -1,59 +1,49 @@
-"""One model's replica logic, without Ray: load the checkpoint, encode requests, batch-generate.
+"""One model's replica logic, without Ray: an engine over the checkpoint, answering requests.
 
 ``ModelWorker`` is what each Serve model deployment wraps (``phantom_ray.serving.app``); tests and
-``bench/`` can also drive it in-process. Its input is the normalised request that the HTTP front
-builds (``phantom_ray.serving.protocol.GenerationPayload`` as a dict):
+``bench/`` can also drive it in-process. It holds one :class:`phantom_ray.infer.api.Engine`
+(``load_engine(spec.checkpoint, backend=spec.engine, ...)``), which batches concurrent requests.
+Its input is the normalised request that the HTTP front builds
+(``phantom_ray.serving.protocol.GenerationPayload`` as a dict):
 
     {"messages": [{"role": "user"|"assistant", "content": "text with <image> placeholders"}],
      "system": str | None, "images": [encoded image bytes, one per placeholder],
      "max_tokens": int, "temperature": float, "top_p": float, "seed": int | None,
      "stop": [str], "ignore_eos": bool}
 
-and its output the engine's events (``phantom_ray.serving.engine``).
+and its output the engine's events as dicts: ``{"type": "delta", "text"}`` pieces, then one
+``{"type": "done", "finish_reason", "prompt_tokens", "completion_tokens"}`` or one
+``{"type": "error", "status", "code", "message"}``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
+import uuid
 from typing import AsyncIterator
 
 import torch
 
-from phantom_ray.processing import ImageError, PhantomProcessor, ProcessingError, load_tokenizer
+from phantom_ray.infer.api import Event, Request, SamplingParams, default_backend, load_engine
 from phantom_ray.serving.config import ModelSpec
-from phantom_ray.serving.engine import BatchingEngine, GenerationRequest
 from phantom_ray.serving.metrics import ServingMetrics
 
 log = logging.getLogger(__name__)
 
-# ProcessingError.reason -> HTTP status (everything else a processor rejects is a 400)
-_STATUS_BY_REASON = {"too_many_pixels": 413}
 
-
-def load_model_and_tokenizer(spec: ModelSpec, device: str | torch.device):
-    """A preset name gives random weights (a warning says so) and the tiny tokenizer; a directory or
-    ``s3://`` prefix gives the exported checkpoint and the tokenizer saved next to it."""
-    from phantom_ray.model import PhantomForCausalLM
-
-    dtype = getattr(torch, spec.dtype)
-    if spec.is_preset:
-        log.warning("model %r: checkpoint %r is a preset name; serving RANDOMLY INITIALISED weights (seed %d)",
-                    spec.name, spec.checkpoint, spec.seed)
-        model = PhantomForCausalLM.from_preset(spec.checkpoint, attn_implementation=spec.attn_implementation,
-                                               seed=spec.seed)
-        model = model.to(device=device, dtype=dtype)
-        tokenizer = load_tokenizer(spec.checkpoint, model.config)
-    else:
-        model = PhantomForCausalLM.from_pretrained(spec.checkpoint, dtype=dtype,
-                                                   attn_implementation=spec.attn_implementation, device=device)
-        tokenizer = load_tokenizer(spec.checkpoint, model.config)
-    return model.eval(), tokenizer
+def event_dict(event: Event) -> dict:
+    """An engine event in the shape the HTTP front reads (and Serve streams between processes)."""
+    if event.type == "delta":
+        return {"type": "delta", "text": event.text}
+    if event.type == "done":
+        return {"type": "done", "finish_reason": event.finish_reason, "prompt_tokens": event.prompt_tokens,
+                "completion_tokens": event.completion_tokens}
+    return {"type": "error", "status": event.status, "code": event.code, "message": event.message}
 
 
 class ModelWorker:
-    """Loads one model and answers normalised generation payloads with engine events."""
+    """Holds one model's engine and answers normalised generation payloads with engine events."""
 
     def __init__(self, spec: ModelSpec | dict, max_image_pixels: int | None = None, use_ray_metrics: bool = False,
                  model=None, tokenizer=None):
@@ -64,47 +54,61 @@ class ModelWorker:
         if self.spec.num_gpus > 0 and device == "cpu":
             log.warning("model %r asks for num_gpus=%s but CUDA is unavailable; running on CPU",
                         self.spec.name, self.spec.num_gpus)
-        if model is None:
-            model, tokenizer = load_model_and_tokenizer(self.spec, device)
-        elif tokenizer is None:
-            raise ValueError("pass tokenizer together with model")
-        self.model = model
-        kwargs = {} if max_image_pixels is None else {"max_pixels": max_image_pixels}
-        self.processor = PhantomProcessor(model.config, tokenizer, max_length=self.spec.max_prompt_tokens, **kwargs)
         self.metrics = ServingMetrics(self.spec.name, use_ray=use_ray_metrics)
-        self.engine = BatchingEngine(model, self.processor, max_batch_size=self.spec.max_batch_size,
-                                     batch_wait_timeout_s=self.spec.batch_wait_timeout_s, metrics=self.metrics)
+        backend = self.spec.engine if self.spec.engine != "auto" else default_backend()
+        options = dict(max_length=self.spec.max_prompt_tokens, max_pixels=max_image_pixels,
+                       max_batch_size=self.spec.max_batch_size)
+        if backend == "torch":
+            options.update(batch_wait_timeout_s=self.spec.batch_wait_timeout_s, metrics=self.metrics)
+        if model is not None:  # an in-memory model (tests, benchmarks): the torch engine over it
+            from phantom_ray.infer.torch_engine import TorchEngine
+            from phantom_ray.processing import PhantomProcessor
+
+            if tokenizer is None:
+                raise ValueError("pass tokenizer together with model")
+            kw = {} if max_image_pixels is None else {"max_pixels": max_image_pixels}
+            processor = PhantomProcessor(model.config, tokenizer, max_length=self.spec.max_prompt_tokens, **kw)
+            self.engine = TorchEngine(model, tokenizer, processor, model_id=self.spec.checkpoint,
+                                      max_batch_size=self.spec.max_batch_size,
+                                      batch_wait_timeout_s=self.spec.batch_wait_timeout_s, metrics=self.metrics)
+        else:
+            if self.spec.is_preset:
+                log.warning("model %r: checkpoint %r is a preset name; serving RANDOMLY INITIALISED weights "
+                            "(seed %d)", self.spec.name, self.spec.checkpoint, self.spec.seed)
+            self.engine = load_engine(self.spec.checkpoint, backend=backend, device=device, dtype=self.spec.dtype,
+                                      attn_implementation=self.spec.attn_implementation, seed=self.spec.seed,
+                                      **options)
+        self.model = getattr(self.engine, "model", None)  # torch backend: the model itself (tests, exports)
+        self.processor = getattr(self.engine, "processor", None)
         self.created = int(time.time())
 
-    def encode(self, payload: dict):
-        sample = self.processor.encode(payload["messages"], images=payload.get("images") or None,
-                                       system=payload.get("system"), add_generation_prompt=True)
-        sample.labels = None
-        return sample
-
-    async def generate(self, payload: dict) -> AsyncIterator[dict]:
-        try:
-            # image decoding and tokenisation off the event loop: other requests keep flowing
-            sample = await asyncio.to_thread(self.encode, payload)
-        except ProcessingError as exc:
-            self.metrics.rejected("error")
-            status = _STATUS_BY_REASON.get(exc.reason, 400)
-            code = "image_too_large" if status == 413 else exc.reason
-            kind = "image" if isinstance(exc, ImageError) else "request"
-            yield {"type": "error", "status": status, "code": code, "message": f"invalid {kind}: {exc.message}"}
-            return
+    def request(self, payload: dict) -> Request:
+        """The engine request of a payload; raises ValueError for out-of-range sampling settings."""
         max_tokens = payload.get("max_tokens") or self.spec.default_max_tokens
-        request = GenerationRequest(
-            sample=sample,
+        seed = payload.get("seed")
+        params = SamplingParams(
             max_tokens=min(int(max_tokens), self.spec.max_tokens_limit),
             temperature=float(payload.get("temperature", 0.0) or 0.0),
             top_p=float(payload.get("top_p", 1.0) if payload.get("top_p") is not None else 1.0),
-            seed=payload.get("seed"),
-            stop=list(payload.get("stop") or []),
+            seed=seed,
+            stop=tuple(payload.get("stop") or ()),
             ignore_eos=bool(payload.get("ignore_eos", False)),
         )
-        async for event in self.engine.generate(request):
-            yield event
+        # a seeded request is reproducible from its seed alone (key ""); an unseeded one gets fresh
+        # randomness from a unique key
+        key = "" if seed is not None else uuid.uuid4().hex
+        return Request(messages=payload["messages"], images=list(payload.get("images") or []), params=params,
+                       system=payload.get("system"), key=key)
+
+    async def generate(self, payload: dict) -> AsyncIterator[dict]:
+        try:
+            request = self.request(payload)
+        except ValueError as exc:
+            self.metrics.rejected("error")
+            yield {"type": "error", "status": 400, "code": "invalid_request", "message": f"invalid request: {exc}"}
+            return
+        async for event in self.engine.stream(request):
+            yield event_dict(event)
 
     def stats(self) -> dict:
         return self.metrics.snapshot()

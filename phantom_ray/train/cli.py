@@ -32,7 +32,9 @@ def run(args: argparse.Namespace) -> int:
     from phantom_ray.train.ray_trainer import run_training
 
     if not ray.is_initialized():
-        ray.init(address=args.address)
+        from phantom_ray.runtime import init_ray
+
+        init_ray(address=args.address)
     metrics = run_training(cfg)
     ray.shutdown()  # flush the workers' log lines first, so that the export path is the last line
     summary = {k: v for k, v in metrics.items() if not k.endswith("_per_worker")}

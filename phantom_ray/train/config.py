@@ -48,7 +48,7 @@ class ModelSection:
 @dataclass
 class LossSection:
     kind: str = "po"          # po (SFT + SimPO-style preference) | sft | dpo (reference log-probs precomputed)
-    beta: float = 2.0         # reward scale (spec 5: UNCONFIRMED; SimPO's range)
+    beta: float = 2.0         # reward scale (docs/phantom.md#phantom-optimization: UNCONFIRMED; SimPO's range)
     gamma: float = 1.0        # target reward margin
     pref_weight: float = 1.0  # weight of the preference term
     sft_weight: float = 1.0   # weight of the SFT term on the chosen answer

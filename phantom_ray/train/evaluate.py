@@ -18,14 +18,13 @@ from phantom_ray import storage
 
 def choice_accuracy(model_dir: str, triples_uri: str, limit: int | None = None) -> dict:
     from phantom_ray.data.synth import COLOURS, COUNT_WORDS, SHAPES
-    from phantom_ray.model import PhantomForCausalLM
-    from phantom_ray.processing import PhantomProcessor, load_tokenizer
+    from phantom_ray.loader import load_model
     from phantom_ray.processing.images import load_image
     from phantom_ray.train.loss import sequence_logps
 
     classes = {"colour": list(COLOURS), "shape": list(SHAPES), "count": list(COUNT_WORDS)}
-    model = PhantomForCausalLM.from_pretrained(model_dir).eval()
-    proc = PhantomProcessor(model.config, load_tokenizer(model_dir, model.config), max_length=512)
+    loaded = load_model(model_dir, device="cpu", dtype=None, max_length=512)  # the checkpoint's dtype
+    model, proc = loaded.model, loaded.processor
     records = json.loads(storage.read_text(triples_uri))[:limit]
     root = triples_uri.rsplit("/", 1)[0]
     correct, chance = 0, 0.0

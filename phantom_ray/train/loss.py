@@ -1,6 +1,6 @@
 """Training objectives on model logits (pure torch): SFT, Phantom Optimization (PO) and DPO.
 
-Spec section 5. For an answer y (tokens whose label is not -100) of a prompt x:
+See docs/phantom.md#phantom-optimization. For an answer y (tokens whose label is not -100) of a prompt x:
 
 * ``l(y) = sum_t log p(y_t | x, y_<t)`` (:func:`sequence_logps`), ``|y|`` its token count;
 * PO (SimPO form, reference-free): ``r(y) = beta / |y| * l(y)`` and

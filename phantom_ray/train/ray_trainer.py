@@ -100,13 +100,13 @@ class ReferenceScorer:
         import torch
 
         from phantom_ray.data.pipeline import CollateProcessed, DataConfig, default_processor_factory
-        from phantom_ray.model import PhantomForCausalLM
+        from phantom_ray.loader import load_model
 
         os.environ.update(env or {})
         data = DataConfig.from_dict(cfg_data)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-        self.model = PhantomForCausalLM.from_pretrained(reference, dtype=dtype, device=self.device).eval()
+        # dtype auto: bfloat16 on CUDA, float32 on CPU
+        self.model = load_model(reference, device=self.device, dtype="auto").model
         self.collate = CollateProcessed(default_processor_factory(processor_model, data.max_length), "po",
                                         data.padding_side, data.pixel_dtype)
 
@@ -290,7 +290,9 @@ def run_training(cfg: TrainConfig, *, debug: dict | None = None) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
-        ray.init()
+        from phantom_ray.runtime import init_ray
+
+        init_ray()
     prepare_synthetic(cfg)
     per_epoch, total = plan_steps(cfg)
     log.info("training %s: %d steps per epoch, %d steps in all", cfg.run.name, per_epoch, total)

@@ -2,7 +2,7 @@
 
 Everything is read from the :class:`~phantom_ray.train.config.TrainConfig` passed in; the caller
 (the Ray Train adapter, a test, a benchmark) supplies an iterator of collated batches and a
-``report`` callable. Two-step recipe of the paper (spec section 5):
+``report`` callable. Two-step recipe of the paper (docs/phantom.md#phantom-optimization):
 
 * step 1 trains ``vision_proj`` and the phantom modules; every other parameter has
   ``requires_grad=False`` and is not given to the optimizer (no optimizer state for it);

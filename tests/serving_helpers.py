@@ -1,5 +1,5 @@
-"""Helpers for tests and benchmarks of the serving stack: tiny-preset args, images, request bodies,
-and an in-process backend that runs the HTTP API on ``ModelWorker``s without Ray."""
+"""Helpers for the serving tests: tiny-preset args, images, request bodies, and an in-process
+backend that runs the HTTP API on ``ModelWorker``s without Ray."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def data_uri(data: bytes, mime: str = "image/png") -> str:
 
 def tiny_args(**overrides) -> ServeArgs:
     """Two tiny presets on CPU with small limits, as the serving tests use them."""
-    common = dict(dtype="float32", attn_implementation="sdpa", num_cpus=0.5, torch_num_threads=1,
+    common = dict(engine="torch", dtype="float32", attn_implementation="sdpa", num_cpus=0.5, torch_num_threads=1,
                   max_ongoing_requests=32, max_batch_size=16, batch_wait_timeout_s=0.02,
                   max_prompt_tokens=256, max_tokens_limit=128, default_max_tokens=16)
     models = [

@@ -1,0 +1,448 @@
+"""TorchEngine: the ``torch`` backend of :mod:`phantom_ray.infer.api`, over our own model.
+
+One engine for every caller (serving replicas, batch captioning, eval, training-time evaluation,
+the quickstart); the numerical reference the vLLM backend is tested against. No Ray here.
+
+* ``generate(requests)``: a batch of requests in, one :class:`Generation` per request out; a bad
+  image or prompt gives an error Generation (reason code, e.g. ``undecodable_image``) in its place.
+* ``stream(request)``: events of one online request. Concurrent streams are batched dynamically:
+  a background task takes the first waiting request, collects more for up to
+  ``batch_wait_timeout_s`` (or until ``max_batch_size``; requests that arrived while the previous
+  batch ran are taken at once) and runs one batched generation in a worker thread, so the event
+  loop keeps accepting requests meanwhile.
+
+Both paths run the same per-row decoding (:meth:`TorchEngine._run_rows`), so a streamed answer
+is the same text as a generated one:
+
+* Greedy decoding is batch-invariant: the model's ``generate`` keeps rows independent (prompts are
+  left padded), so a request gets the same tokens alone or in a batch of sixteen.
+* Sampling draws from one ``torch.Generator`` per row seeded with ``params.seed_for(request.key)``,
+  so a sampled answer is reproducible per request key and does not depend on its batch mates.
+  Requests share one ``generate`` call only when their sampling knobs agree (they are batch-wide).
+* Beam search (``num_beams > 1``) is :func:`phantom_ray.model.generation.beam_search`.
+* Text is decoded incrementally: a trailing partial UTF-8 character is held back until it
+  completes, and so is a tail that could be the start of a stop string; a stop string ends its row
+  (the text before it is the answer). A row also ends at a stop token, at its own ``max_tokens``
+  or when its client goes away; a batch stops as soon as all its rows have ended.
+
+``Generation.text`` is the decoded answer as generated (not stripped; captioning and eval strip
+it). ``completion_tokens`` counts generated tokens, the stop token included.
+
+    engine = TorchEngine.load("tiny-qwen2")
+    [g] = engine.generate([Request.user("Describe the image.", images=[png], params=SamplingParams(max_tokens=32))])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Sequence
+
+import torch
+
+from phantom_ray.infer.api import Event, Generation, Request, SamplingParams
+from phantom_ray.processing import ImageError, ProcessingError, Sample
+
+log = logging.getLogger(__name__)
+
+# ProcessingError.reason -> HTTP status of the streamed error (everything else rejected is a 400)
+_STATUS_BY_REASON = {"too_many_pixels": 413}
+
+
+def error_detail(exc: Exception) -> str:
+    """The message of ``exc`` without memory addresses (PIL names ``<BytesIO object at 0x...>``),
+    so that the error rows of two runs over the same input are identical."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))[:2000]
+
+
+def failed(exc: Exception, num_tiles: int = 0) -> Generation:
+    """The error Generation of a request that could not be prepared."""
+    reason = getattr(exc, "reason", None) or type(exc).__name__
+    return Generation(text=None, num_tiles=num_tiles, error=reason, error_detail=error_detail(exc))
+
+
+def error_event(exc: ProcessingError) -> Event:
+    """The streamed error of a request its processor rejected (status 400, or 413 for too many pixels)."""
+    status = _STATUS_BY_REASON.get(exc.reason, 400)
+    code = "image_too_large" if status == 413 else exc.reason
+    kind = "image" if isinstance(exc, ImageError) else "request"
+    return Event(type="error", status=status, code=code, message=f"invalid {kind}: {exc.message}")
+
+
+class NullMetrics:
+    """Metrics sink that records nothing (see ``phantom_ray.serving.metrics.ServingMetrics``)."""
+
+    def batch(self, size: int) -> None: ...
+    def first_token(self, ttft_s: float) -> None: ...
+    def finished(self, latency_s: float, completion_tokens: int, decode_s: float, status: str) -> None: ...
+    def rejected(self, status: str) -> None: ...
+
+
+class _BatchDone(Exception):
+    """Raised from the step callback to end a batch whose rows have all finished."""
+
+
+@dataclass
+class _Row:
+    """One request's decoding state; ``sink`` (streaming) receives its events."""
+
+    sample: Sample
+    params: SamplingParams
+    key: str
+    sink: Callable[[Event], None] | None = None
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    # filled by the generation thread
+    ids: list[int] = field(default_factory=list)
+    emitted: str = ""
+    text: str | None = None
+    done: bool = False
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+    completion_tokens: int = 0
+
+    def put(self, event: Event) -> None:
+        if self.sink is not None:
+            self.sink(event)
+
+    def group_key(self) -> tuple:
+        """Rows that can share one ``generate`` call (the sampling knobs are batch-wide)."""
+        p = self.params
+        if p.num_beams > 1:
+            return ("beam", p.num_beams, p.length_penalty, p.max_tokens, p.ignore_eos)
+        if p.greedy:
+            return ("greedy", p.ignore_eos)
+        return ("sample", float(p.temperature), float(p.top_p), int(p.top_k), p.ignore_eos)
+
+
+class TorchEngine:
+    """A model + tokenizer + processor on one device; see the module docstring."""
+
+    backend = "torch"
+
+    def __init__(self, model, tokenizer, processor=None, *, model_id: str = "unnamed", max_batch_size: int = 8,
+                 batch_wait_timeout_s: float = 0.01, metrics=None, max_length: int = 4096):
+        from phantom_ray.processing import PhantomProcessor
+
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if batch_wait_timeout_s < 0:
+            raise ValueError(f"batch_wait_timeout_s must be >= 0, got {batch_wait_timeout_s}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.processor = processor or PhantomProcessor(model.config, tokenizer, max_length=max_length)
+        self.model_id = str(model_id)
+        self.max_batch_size = max_batch_size
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.metrics = metrics if metrics is not None else NullMetrics()
+        self.batch_sizes: list[int] = []  # every batch run, for tests and stats
+        # streaming: one generation at a time per engine; batches are the unit of parallelism
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()  # generate() and the streaming thread never run the model at once
+
+    @classmethod
+    def load(cls, model_id: str, *, device: str | None = None, dtype: str | torch.dtype | None = "auto",
+             attn_implementation: str = "sdpa", seed: int = 0, max_length: int = 4096,
+             max_pixels: int | None = None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01,
+             metrics=None, **unused) -> "TorchEngine":
+        """``model_id``: anything :func:`phantom_ray.loader.load_model` takes. Options other backends
+        take (``max_model_len``, ``gpu_memory_utilization``, ...) are accepted and ignored here."""
+        from phantom_ray.loader import load_model
+
+        if unused:
+            log.debug("torch engine ignores options %s", sorted(unused))
+        loaded = load_model(model_id, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                            seed=seed, max_length=max_length, max_pixels=max_pixels)
+        return cls(loaded.model, loaded.tokenizer, loaded.processor, model_id=loaded.model_id,
+                   max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s, metrics=metrics)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.model.dtype).replace("torch.", "")
+
+    # ---- preprocessing -----------------------------------------------------------------------------
+    def prepare(self, request: Request) -> Sample:
+        """Request -> generation prompt Sample (labels None); raises ProcessingError."""
+        sample = self.processor.encode(request.messages, images=list(request.images) or None,
+                                       system=request.system, add_generation_prompt=True)
+        sample.labels = None
+        return sample
+
+    # ---- batch generation --------------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request], *, batch_size: int | None = None) -> list[Generation]:
+        """One Generation per request, in order; a request the processor rejects gives an error row."""
+        samples: list[Sample | Exception] = []
+        for r in requests:
+            try:
+                samples.append(self.prepare(r))
+            except ProcessingError as exc:
+                samples.append(exc)
+        return self.generate_samples(samples, [r.params for r in requests], [r.key or str(i) for i, r in
+                                                                            enumerate(requests)],
+                                     batch_size=batch_size)
+
+    def generate_samples(self, samples: Sequence[Sample | Exception], params: SamplingParams | Sequence[SamplingParams],
+                         keys: Sequence[str] | None = None, *, batch_size: int | None = None) -> list[Generation]:
+        """Generate for prompts already tokenized (a captioning decode stage's output); an Exception
+        in ``samples`` passes through as an error Generation."""
+        batch_size = batch_size or self.max_batch_size
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(params, SamplingParams):
+            params = [params] * len(samples)
+        keys = list(keys) if keys is not None else [str(i) for i in range(len(samples))]
+        if not len(keys) == len(params) == len(samples):
+            raise ValueError(f"{len(keys)} keys and {len(params)} params for {len(samples)} samples")
+        out: list[Generation | None] = [None] * len(samples)
+        groups: dict[tuple, list[tuple[int, _Row]]] = {}
+        for i, s in enumerate(samples):
+            if isinstance(s, Exception):
+                out[i] = failed(s)
+                continue
+            row = _Row(s, params[i], keys[i])
+            groups.setdefault(row.group_key(), []).append((i, row))
+        for members in groups.values():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start:start + batch_size]
+                rows = [r for _, r in chunk]
+                with self._lock:
+                    self._run_rows(rows)
+                for i, r in chunk:
+                    out[i] = self._generation(r)
+        return out  # type: ignore[return-value]
+
+    def _generation(self, r: _Row) -> Generation:
+        return Generation(text=r.text, finish_reason=r.finish_reason, prompt_tokens=len(r.sample),
+                          completion_tokens=r.completion_tokens, num_tiles=sum(r.sample.num_tiles),
+                          latency_s=time.monotonic() - r.submitted)
+
+    # ---- streaming ---------------------------------------------------------------------------------
+    async def stream(self, request: Request) -> AsyncIterator[Event]:
+        """Events of one request: ``delta`` pieces, then one ``done`` or one ``error``. Cancelling
+        the iteration (client gone) frees its row at the next step."""
+        try:
+            # image decoding and tokenisation off the event loop: other requests keep flowing
+            sample = await asyncio.to_thread(self.prepare, request)
+        except ProcessingError as exc:
+            self.metrics.rejected("error")
+            yield error_event(exc)
+            return
+        self._ensure_started()
+        queue: asyncio.Queue = asyncio.Queue()
+        loop = self._loop
+        row = _Row(sample, request.params, request.key,
+                   sink=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        await self._pending.put(row)
+        held = None
+        try:
+            while True:
+                event = held if held is not None else await queue.get()
+                held = None
+                # deltas that piled up while the consumer was busy go out as one: a slow stream
+                # (many rows, a remote caller) sends fewer, larger pieces instead of falling behind
+                while event.type == "delta" and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if nxt.type != "delta":
+                        held = nxt
+                        break
+                    event = Event(type="delta", text=event.text + nxt.text)
+                yield event
+                if event.type in ("done", "error"):
+                    return
+        finally:
+            row.cancelled = True
+
+    def _ensure_started(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._loop is not loop:
+            self._loop = loop
+            self._pending = asyncio.Queue()
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                                       thread_name_prefix="phantom-generate")
+            self._task = loop.create_task(self._run_forever(), name="phantom-batching-loop")
+
+    async def _collect(self) -> list[_Row]:
+        batch = [await self._pending.get()]
+        deadline = self._loop.time() + self.batch_wait_timeout_s
+        while len(batch) < self.max_batch_size:
+            if not self._pending.empty():
+                batch.append(self._pending.get_nowait())
+                continue
+            remaining = deadline - self._loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._pending.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    def _run_locked(self, rows: list[_Row]) -> None:
+        with self._lock:
+            self._run_rows(rows)
+
+    async def _run_forever(self) -> None:
+        while True:
+            batch = [r for r in await self._collect() if not r.cancelled]
+            groups: dict[tuple, list[_Row]] = {}
+            for r in batch:
+                groups.setdefault(r.group_key(), []).append(r)
+            for group in groups.values():
+                try:
+                    await self._loop.run_in_executor(self._executor, self._run_locked, group)
+                except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the replica's loop
+                    log.exception("batched generation failed for %d requests", len(group))
+                    for r in group:
+                        if not r.done:
+                            r.done = True
+                            r.put(Event(type="error", status=500, code="generation_failed",
+                                        message=f"generation failed: {type(exc).__name__}: {exc}"))
+                            self.metrics.finished(time.monotonic() - r.submitted, r.completion_tokens, 0.0, "error")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self.close()
+
+    def close(self) -> None:
+        if self._task is not None and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    # ---- generation (caller's or worker thread) ----------------------------------------------------
+    def _inputs(self, samples: Sequence[Sample]) -> dict:
+        batch = self.processor.collate(samples, padding_side="left")
+        dev = self.model.device
+        pv = batch["pixel_values"]
+        return {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev),
+                "pixel_values": pv.to(device=dev, dtype=self.model.dtype) if pv is not None else None}
+
+    @torch.inference_mode()
+    def _run_rows(self, rows: list[_Row]) -> None:
+        """Decode one group of rows (equal group keys) to their ends; fills each row's text."""
+        self.batch_sizes.append(len(rows))
+        self.metrics.batch(len(rows))
+        first = rows[0].params
+        inputs = self._inputs([r.sample for r in rows])
+        stops = [] if first.ignore_eos else list(self.processor.stop_token_ids)
+        decode_started = time.monotonic()
+        if first.num_beams > 1:
+            from phantom_ray.model.generation import beam_search
+
+            seqs = beam_search(self.model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                               num_beams=first.num_beams, max_new_tokens=first.max_tokens, stop_token_ids=stops,
+                               pad_token_id=self.processor.pad_token_id, length_penalty=first.length_penalty)
+            for r, (ids, reason) in zip(rows, seqs):
+                r.first_token_at = time.monotonic()
+                for tok in ids:  # the stop token (if any) ends the row as in greedy decoding
+                    self._step(r, tok, set(stops))
+                    if r.done:
+                        break
+                if not r.done:
+                    self._finish(r, reason)
+        else:
+            stop_set = set(stops)
+            generators = None
+            if not first.greedy:
+                dev = self.model.device
+                generators = [torch.Generator(device=dev).manual_seed(r.params.seed_for(r.key)) for r in rows]
+
+            def on_step(step: int, tokens: torch.Tensor, finished: torch.Tensor) -> None:
+                for r, tok in zip(rows, tokens.tolist()):
+                    if not r.done:
+                        self._step(r, tok, stop_set)
+                if all(r.done for r in rows):
+                    raise _BatchDone
+
+            try:
+                self.model.generate(
+                    inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
+                    max_new_tokens=max(r.params.max_tokens for r in rows), do_sample=not first.greedy,
+                    temperature=first.temperature if not first.greedy else 1.0, top_p=first.top_p,
+                    top_k=first.top_k, stop_token_ids=stops, pad_token_id=self.processor.pad_token_id,
+                    generator=generators, stream_callback=on_step)
+            except _BatchDone:
+                pass
+        decode_s = time.monotonic() - decode_started
+        for r in rows:
+            if not r.done:  # generate ran out of steps without a row-level end (cannot normally happen)
+                self._finish(r, "length")
+            if r.finish_reason != "cancelled":
+                self.metrics.finished(time.monotonic() - r.submitted, r.completion_tokens, decode_s, "ok")
+
+    def _step(self, r: _Row, tok: int, stop_set: set[int]) -> None:
+        if r.cancelled:
+            r.done, r.finish_reason = True, "cancelled"
+            return
+        r.completion_tokens += 1
+        if r.first_token_at is None:
+            r.first_token_at = time.monotonic()
+            self.metrics.first_token(r.first_token_at - r.submitted)
+        if tok in stop_set:
+            self._finish(r, "stop")
+            return
+        r.ids.append(tok)
+        self._emit(r)
+        if not r.done and r.completion_tokens >= r.params.max_tokens:
+            self._finish(r, "length")
+
+    def _decoded(self, r: _Row) -> str:
+        return self.processor.decode(r.ids)
+
+    def _emit(self, r: _Row) -> None:
+        """Send the new, settled part of a row's text; end the row at a stop string."""
+        stops = r.params.stop
+        if r.sink is None and not stops:
+            return  # nothing to stream and nothing to watch for: decode once at the end
+        text = self._decoded(r)
+        for s in stops:
+            k = text.find(s, max(0, len(r.emitted) - len(s) + 1))
+            if k >= 0:
+                self._finish(r, "stop", text=text[:k])
+                return
+        safe = len(text)
+        while safe > 0 and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 character: wait for its bytes
+            safe -= 1
+        for s in stops:  # a tail that may grow into a stop string is held back
+            for n in range(min(len(s) - 1, safe), 0, -1):
+                if text[safe - n:safe] == s[:n]:
+                    safe -= n
+                    break
+        self._send(r, text[:safe])
+
+    def _send(self, r: _Row, text: str) -> None:
+        if text.startswith(r.emitted) and len(text) > len(r.emitted):
+            r.put(Event(type="delta", text=text[len(r.emitted):]))
+            r.emitted = text
+
+    def _finish(self, r: _Row, reason: str, text: str | None = None) -> None:
+        if text is None:
+            text = self._decoded(r)
+            for s in r.params.stop:  # a stop string completed by the last token's bytes
+                k = text.find(s)
+                if k >= 0:
+                    text, reason = text[:k], "stop"
+        r.text = text
+        self._send(r, text)
+        r.done, r.finish_reason = True, reason
+        r.put(Event(type="done", finish_reason=reason, prompt_tokens=len(r.sample),
+                    completion_tokens=r.completion_tokens))
+
+
+__all__ = ["TorchEngine", "NullMetrics", "error_detail", "error_event", "failed"]
