@@ -48,7 +48,8 @@ def new_llm(model_dir: str, **kw):
     from vllm import LLM
 
     opts = dict(model=model_dir, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=32 * 2**20,
-                max_model_len=256, max_num_seqs=8, seed=0)
+                max_model_len=256, max_num_seqs=8, seed=0,
+                block_size=16)  # small blocks: the short test prompts fill whole (cacheable) blocks
     opts.update(kw)
     return LLM(**opts)
 

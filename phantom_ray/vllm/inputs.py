@@ -10,6 +10,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from phantom_ray.processing.processor import PROMPT_RULES, ROLE_TOKENS
+
+
+def template_first_token(template: str) -> str:
+    """The token every prompt of the family's chat template starts with (the phantom token):
+    ``<|im_start|>`` for ChatML, ``<|user|>`` for Phi-3 (a Phi-3 prompt with a system turn starts
+    with ``<|system|>`` and is not served by the vLLM model)."""
+    user_start = PROMPT_RULES[template]["user_start"]
+    return next(t for t in ROLE_TOKENS[template] if user_start.startswith(t))
+
+
+def phantom_token_id(config, tokenizer) -> int:
+    tok = template_first_token(config.template)
+    tid = tokenizer.convert_tokens_to_ids(tok)
+    if tid is None or tid == getattr(tokenizer, "unk_token_id", None):
+        raise ValueError(f"the tokenizer has no single token for {tok!r}, the {config.template} template's first token")
+    return int(tid)
+
 
 def compact_image_tokens(ids: list[int], img_start: int, img_context: int, img_end: int) -> list[int]:
     """Drop the ``<IMG_CONTEXT>`` runs between ``<img>`` and ``</img>``."""

@@ -63,21 +63,8 @@ from phantom_ray.model.loading import _remap_key
 from phantom_ray.model.rope import _rope_kind, rope_cos_sin
 from phantom_ray.model.vision import InternVisionModel, build_projector, pixel_shuffle
 from phantom_ray.processing.images import tile_pixel_values
-from phantom_ray.processing.processor import IMG_CONTEXT, IMG_END, IMG_START, PROMPT_RULES, ROLE_TOKENS
-
-
-def template_first_token(template: str) -> str:
-    """The token every prompt of the family's chat template starts with (the phantom token)."""
-    user_start = PROMPT_RULES[template]["user_start"]
-    return next(t for t in ROLE_TOKENS[template] if user_start.startswith(t))
-
-
-def phantom_token_id(config: PhantomConfig, tokenizer) -> int:
-    tok = template_first_token(config.template)
-    tid = tokenizer.convert_tokens_to_ids(tok)
-    if tid is None or tid == getattr(tokenizer, "unk_token_id", None):
-        raise ValueError(f"the tokenizer has no single token for {tok!r}, the {config.template} template's first token")
-    return int(tid)
+from phantom_ray.processing.processor import IMG_END, IMG_START
+from phantom_ray.vllm.inputs import phantom_token_id
 
 
 class FirstTokenError(ValueError):
