@@ -312,6 +312,8 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
     def _check_first_tokens(self, ids: torch.Tensor | None, positions: torch.Tensor) -> None:
         if ids is None or _attn_metadata() is None:  # no ids, or vLLM's memory-profiling dummy run
             return
+        if ids.is_cuda and torch.cuda.is_current_stream_capturing():  # CUDA-graph capture: dummy ids
+            return
         n = min(ids.shape[0], positions.shape[0])
         firsts = ids[:n][positions[:n] == 0]
         bad = firsts[firsts != self.phantom_token_id]
