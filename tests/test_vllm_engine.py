@@ -66,12 +66,16 @@ def test_unsupported_requests_are_error_rows(engines):
     assert out[2].error in ("prompt_too_long", "image_tokens_exceed_max_length") or out[2].error.startswith("prompt")
 
 
-def test_load_engine_vllm_backend_type():
-    from phantom_ray.infer.api import Engine
+def test_load_engine_picks_vllm_backend():
+    """``load_engine(..., backend="vllm")`` gives a VLLMEngine that satisfies the Engine protocol and
+    expects the first token our processor puts in front of every prompt (no vLLM engine starts here)."""
+    from phantom_ray.infer.api import Engine, load_engine
     from phantom_ray.vllm.engine import VLLMEngine
 
-    assert isinstance(VLLMEngine.__new__(VLLMEngine), Engine) or hasattr(VLLMEngine, "stream")
-    assert VLLMEngine.backend == "vllm"
+    e = load_engine("tiny-qwen2", backend="vllm", **OPTS)
+    assert isinstance(e, VLLMEngine) and isinstance(e, Engine) and e.backend == "vllm"
+    assert int(e.prepare(Request.user("Hi")).input_ids[0]) == e.first_token_id
+    e.close()
 
 
 @pytest.mark.slow

@@ -49,6 +49,12 @@ def vllm_prompt(processor, sample, images: list[Any] | None) -> dict:
     ids = [int(t) for t in sample.input_ids.tolist()]
     prompt: dict = {"prompt_token_ids": ids}
     if images:
+        from phantom_ray.processing.images import load_image
+
+        # the RGB image the processor tiled (EXIF, mode, array inputs resolved the same way), so
+        # vLLM's tiling of it gives the processor's tiles
+        images = [load_image(im, max_pixels=processor.max_pixels, max_aspect_ratio=processor.max_aspect_ratio)
+                  for im in images]
         prompt["prompt_token_ids"] = compact_image_tokens(ids, processor.img_start_id, processor.image_token_id,
                                                           processor.img_end_id)
         prompt["multi_modal_data"] = {"image": list(images)}
