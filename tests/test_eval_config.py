@@ -8,9 +8,9 @@ import types
 from pathlib import Path
 
 import pytest
+from eval_synthetic import write_synthetic_benchmark
 
 from phantom_ray.config import ConfigError
-from phantom_ray.eval import write_synthetic_benchmark
 from phantom_ray.eval.config import EvalConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def plugged(monkeypatch, tmp_path):
         got.update(model=model, num_beams=num_beams, batch_size=batch_size, **options)
         return lambda items: [answers[i.id] for i in items]
 
-    monkeypatch.setitem(sys.modules, "phantom_ray.infer", types.SimpleNamespace(make_predict_fn=make_predict_fn))
+    monkeypatch.setitem(sys.modules, "phantom_ray.eval.predict", types.SimpleNamespace(make_predict_fn=make_predict_fn))
     monkeypatch.delenv("PHANTOM_JUDGE_BASE_URL", raising=False)
     monkeypatch.delenv("PHANTOM_JUDGE_API_KEY", raising=False)
     return root, got

@@ -27,7 +27,7 @@ def test_parse_ai2d(pred, expected):
 
 @pytest.mark.parametrize("target,pred,ok", [
     ("45", "47", True), ("45", "48", False),            # 4.4% vs 6.7%
-    ("0.45", "45%", True), ("45", "45%", False),        # percentages are fractions (phantom.md#d15 fix)
+    ("0.45", "45%", True), ("45", "45%", False),        # percentages are fractions (docs/phantom.md#d15-eval-harness fix)
     ("20%", "0.2", True), ("0", "0", True), ("0", "0.0", False),  # zero target: string match
     ("Yes", "yes", True), ("blue", "blue.", False),
 ])
@@ -99,7 +99,7 @@ def test_suffixes_and_names():
     assert with_suffix("mme", "Q? Please answer yes or no.") == "Q? Please answer yes or no."
     assert with_suffix("mmvet", "Q") == "Q"
     assert parse_benchmarks("SQA, pope,sqa") == ["sqa", "pope"]
-    assert parse_benchmarks("mm-vet,mm-vet-v2") == ["mmvet", "mmvet-v2"]  # the original's data keys (phantom.md#d15)
-    assert len(parse_benchmarks("all")) == 20  # 'all' works (phantom.md#d15)
+    assert parse_benchmarks("mm-vet,mm-vet-v2") == ["mmvet", "mmvet-v2"]  # the original's data keys (docs/phantom.md#d15-eval-harness)
+    assert len(parse_benchmarks("all")) == 20  # 'all' works (docs/phantom.md#d15-eval-harness)
     with pytest.raises(ValueError, match="unknown benchmark 'qbench'"):
         parse_benchmarks("qbench")

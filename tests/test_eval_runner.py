@@ -39,7 +39,7 @@ def test_run_eval_writes_predictions_and_tables(synthetic, tmp_path):
     assert seen == [("pope", 9, {5}), ("sqa", 4, {5})]
     rows = {r["benchmark"]: r for r in results["results"]}
     assert rows["pope"]["score"] == 100.0 and rows["sqa"]["score"] == 100.0
-    assert rows["sqa"]["paper"] == 83.2 and rows["pope"]["paper"] is None  # phantom.md#evaluation; size from the name
+    assert rows["sqa"]["paper"] == 83.2 and rows["pope"]["paper"] is None  # docs/phantom.md#evaluation; size from the name
     assert json.loads(Path(out, "results.json").read_text()) == results
     md = Path(out, "results.md").read_text()
     assert "| sqa | accuracy | 4 | 100.0 | 83.2 |" in md

@@ -107,7 +107,7 @@ def test_phantom_attention_matches_reference(preset, attn):
     ref = ref_phantom_attention(mod, q, k, v, mask, eta=1.0)
     real = mask.bool()
     torch.testing.assert_close(ours[real], ref[real], atol=1e-9, rtol=1e-7)
-    # gradients wrt inputs and every phantom parameter (real positions only carry meaning: phantom.md#d19)
+    # gradients wrt inputs and every phantom parameter (real positions only carry meaning: docs/phantom.md#d19-pad-positions)
     w = torch.randn(ours.shape, generator=g, dtype=torch.float64) * real[..., None, None]
     params = [p for n, p in mod.named_parameters() if "_phantom" in n]
     g_ours = torch.autograd.grad((ours * w).sum(), [q, k, v, *params])

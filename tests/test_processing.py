@@ -195,7 +195,7 @@ def test_labels_cover_exactly_the_answers_and_their_end_tokens(procs, preset):
     want = []
     for a in answers:
         want += tok.encode(a, add_special_tokens=False) + [proc.end_token_id]
-    assert [ids[k] for k in sup] == want  # answer ids exactly as the answer alone tokenizes (phantom.md#d17)
+    assert [ids[k] for k in sup] == want  # answer ids exactly as the answer alone tokenizes (docs/phantom.md#d17-label-boundary)
     # two contiguous runs, each ending with the end token, each preceded by "assistant\n"
     runs = np.split(np.array(sup), np.where(np.diff(sup) != 1)[0] + 1)
     assert len(runs) == 2

@@ -61,7 +61,7 @@ def _judge(cfg):
     return JudgeClient(dataclasses.replace(env, **changes))
 
 
-def _predict_fn(args: EvalConfig):  # the resolved config (its field names are the old flags')
+def _predict_fn(cfg: EvalConfig):
     try:
         from phantom_ray.eval.predict import make_predict_fn
     except ImportError as exc:
@@ -69,8 +69,8 @@ def _predict_fn(args: EvalConfig):  # the resolved config (its field names are t
               f"phantom_ray.eval.predict.make_predict_fn: {exc}). Install the engine's dependencies, or "
               f"call phantom_ray.eval.run_eval with your own predict_fn.", file=sys.stderr)
         return None
-    return make_predict_fn(args.model, num_beams=args.num_beams, batch_size=args.batch_size,
-                           **args.predict_options())
+    return make_predict_fn(cfg.model, num_beams=cfg.num_beams, batch_size=cfg.batch_size,
+                           **cfg.predict_options())
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # The public benchmark names (the original's EVAL_DATASETS). The original's data keys differ for
-# MM-Vet (`mm-vet`, `mm-vet-v2`), which made `--dataset mmvet` fail (phantom.md#d15-eval-harness); here the public name
+# MM-Vet (`mm-vet`, `mm-vet-v2`), which made `--dataset mmvet` fail (docs/phantom.md#d15-eval-harness); here the public name
 # is the only key.
 BENCHMARKS: tuple[str, ...] = (
     "sqa", "ai2d", "chartqa", "seed", "seed-2-plus", "pope", "hallusionbench", "mme", "mathvista",
@@ -87,7 +87,7 @@ def max_new_tokens(benchmark: str) -> int:
 
 
 def with_suffix(benchmark: str, question: str) -> str:
-    """The original ``make_instruction`` suffix rule (without its ``<image>`` bug: phantom.md#d10)."""
+    """The original ``make_instruction`` suffix rule (without its ``<image>`` bug: docs/phantom.md#d10-image-placeholder)."""
     benchmark = canonical_name(benchmark)
     if benchmark == "hallusionbench":
         return question if YESNO_SUFFIX in question else f"{question}\n{YESNO_SUFFIX}"

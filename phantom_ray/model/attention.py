@@ -105,7 +105,7 @@ def build_context(
         if window_binds:
             causal = causal & (q_idx - k_idx <= sliding_window)
         allowed = causal[None, None] & key_mask[:, None, None, :]  # (B, 1, L, T)
-        # a padding query sees no real key: let it see itself so no row is fully masked (phantom.md#d19-pad-positions)
+        # a padding query sees no real key: let it see itself so no row is fully masked (docs/phantom.md#d19-pad-positions)
         allowed = allowed | (k_idx == q_idx)[None, None]
     elif L > 1:
         is_causal = True
@@ -304,7 +304,7 @@ def phantom_attention(
     out = KERNELS[ctx.attn_implementation](q, k, v, ctx, scale).transpose(1, 2)  # (B, L, H, Dk)
     if not use_phantom:
         return out
-    # gate g = exp(w1) / (exp(w1) + exp(w2)) = sigmoid(w1 - w2), in fp32 without overflow (phantom.md#d8-gate-numerics);
+    # gate g = exp(w1) / (exp(w1) + exp(w2)) = sigmoid(w1 - w2), in fp32 without overflow (docs/phantom.md#d8-gate-numerics);
     # w1 - w2 = [o1, o2] . [a1, -a2] + (b1 - b2) is one matrix-vector product over the 2D-wide output
     g1, g2 = module.gating_phantom_1, module.gating_phantom_2
     acc = acc_dtype(out.dtype)

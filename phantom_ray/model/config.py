@@ -214,7 +214,7 @@ class PhantomConfig:
     img_end_token_index: int | None = None
     eos_token_id: int | list | None = 151645
     ignore_index: int = -100
-    # Phantom branch residual scale (phantom.md#xattention). Not stored in released checkpoints; tests use 1.0 so a
+    # Phantom branch residual scale (docs/phantom.md#xattention). Not stored in released checkpoints; tests use 1.0 so a
     # broken phantom branch moves logits by O(1) (docs/phantom.md#near-identity).
     phantom_eta: float = 1e-4
     use_backbone_lora: int = 0

@@ -2,11 +2,11 @@
 
 * Qwen2 (Phantom-0.5B): separate q/k/v projections with bias; transformers' ``Qwen2MLP``/``Qwen2RMSNorm``.
 * InternLM2 (Phantom-1.8B, -7B): Llama-like with a packed ``wqkv`` projection (per kv group: r query
-  heads, then the key head, then the value head; phantom.md#internlm2-packed-wqkv) and ``w1/w2/w3`` SwiGLU; transformers has
+  heads, then the key head, then the value head; docs/phantom.md#internlm2-packed-wqkv) and ``w1/w2/w3`` SwiGLU; transformers has
   no InternLM2, so the attention and MLP are written here (norms reuse ``LlamaRMSNorm``).
 * Phi-3 (Phantom-3.8B): fused ``qkv_proj`` split contiguously; transformers' ``Phi3MLP``.
 
-Module names reproduce the released checkpoint keys (phantom.md#checkpoint-keys); only the attention modules differ
+Module names reproduce the released checkpoint keys (docs/phantom.md#checkpoint-keys); only the attention modules differ
 from the base models, by the phantom sub-modules of ``attention.py``. One decoder layer class
 serves all families; the family only chooses attribute names and projection layouts.
 """

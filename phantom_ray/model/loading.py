@@ -1,6 +1,6 @@
 """Checkpoints in Hugging Face layout: ``config.json`` + (sharded) ``model.safetensors``.
 
-Loads the released ``BK-Lee/Phantom-*`` checkpoints by their exact key names (phantom.md#checkpoint-keys) from a local
+Loads the released ``BK-Lee/Phantom-*`` checkpoints by their exact key names (docs/phantom.md#checkpoint-keys) from a local
 directory, from ``s3://bucket/prefix`` (boto3, endpoint and credentials from the standard AWS
 environment, so any S3-compatible store works) or from a hub id where the network allows.
 Missing or unexpected keys fail with a message listing them.
@@ -25,7 +25,7 @@ INDEX_NAME = "model.safetensors.index.json"
 _SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json",
                "tokenization_internlm2.py", "chat_template.jinja")
-# the 8-bit skip list of the original with its stale `mlp1` replaced by `vision_proj` (phantom.md#d12-int8-skip-list)
+# the 8-bit skip list of the original with its stale `mlp1` replaced by `vision_proj` (docs/phantom.md#d12-int8-skip-list)
 INT8_SKIP_COMMON = ["linear_q", "linear_k", "linear_v", "linear_o", "gating_phantom_1", "gating_phantom_2",
                     "phantom", "vision_proj"]
 INT8_SKIP_FAMILY = {"qwen2": ["q_proj", "k_proj", "v_proj", "lm_head"], "internlm2": ["wqkv", "output"],
@@ -196,7 +196,7 @@ def save_pretrained(model, directory: str, max_shard_bytes: int = 4 * 1024**3, e
 
 
 def quantize_8bit(model) -> None:
-    """Replace linears by bitsandbytes int8 linears, except the corrected skip list (phantom.md#d12)."""
+    """Replace linears by bitsandbytes int8 linears, except the corrected skip list (docs/phantom.md#d12-int8-skip-list)."""
     try:
         import bitsandbytes as bnb
     except ImportError as exc:

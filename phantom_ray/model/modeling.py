@@ -195,7 +195,7 @@ class PhantomForCausalLM(nn.Module):
         h = self.embed_inputs(input_ids, pixel_values, image_repeat, image_features, check_images=prefill)
         if position_ids is None:
             base = cache.next_position if (cache is not None and cache.next_position is not None) else None
-            position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, L): 0 at the first real token (phantom.md#d14)
+            position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)  # (B, L): 0 at the first real token (docs/phantom.md#d14-position-ids)
             if base is not None:
                 position_ids = position_ids + base[:, None]
         llm_cfg = self.config.llm_config

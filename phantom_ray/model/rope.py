@@ -5,7 +5,7 @@
 * Phi-3 ``longrope`` (called ``su`` in older configs).
 
 The original InternLM2 code keeps the dynamically scaled base on the module after one long call
-(docs/phantom.md#d20) and Phi-3 picks long/short factors from the longest row of the batch (D21). Here both
+(docs/phantom.md#d20-internlm2-dynamic-rope) and Phi-3 picks long/short factors from the longest row of the batch (D21). Here both
 choices are made **per row** from that row's own largest position in the call, so a sequence's
 rotation never depends on its batch mates (batch-invariant generation needs that). As in every
 dynamic-RoPE implementation, a sequence that crosses the switch point during cached decoding keeps

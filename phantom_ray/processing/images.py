@@ -114,7 +114,7 @@ def candidate_grids(min_tiles: int = 1, max_tiles: int = 6) -> list[tuple[int, i
 
     The reference builds a Python set and sorts it by tile count; the sort is stable, so grids with
     the same count keep the set's iteration order. Tuples of small ints hash deterministically in
-    CPython, so rebuilding the set the same way reproduces that order exactly (phantom.md#image-tiling)."""
+    CPython, so rebuilding the set the same way reproduces that order exactly (docs/phantom.md#image-tiling)."""
     ratios = set(
         (i, j)
         for n in range(min_tiles, max_tiles + 1)

@@ -143,7 +143,7 @@ class PhantomProcessor:
         self.rule = PROMPT_RULES[self.template]
         self.image_size = config.image_size
         self.num_image_token = config.num_image_token
-        # dynamic_image_size=False means one tile per image (the reference ignored the flag, phantom.md#d13)
+        # dynamic_image_size=False means one tile per image (the reference ignored the flag, docs/phantom.md#d13-config-fields)
         self.min_tiles = config.min_dynamic_patch if config.dynamic_image_size else 1
         self.max_tiles = config.max_dynamic_patch if config.dynamic_image_size else 1
         self.use_thumbnail = config.use_thumbnail
@@ -231,11 +231,11 @@ class PhantomProcessor:
                 raise SampleError("empty_answer", f"assistant turn {k} is empty")
         n_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in msgs if m["role"] == "user")
         if n_images == 0 and n_placeholders:
-            for m in msgs:  # phantom.md#d10: no stray <image> in text-only samples
+            for m in msgs:  # docs/phantom.md#d10-image-placeholder: no stray <image> in text-only samples
                 if m["role"] == "user":
                     m["content"] = m["content"].replace(IMAGE_PLACEHOLDER, "")
         elif n_images and n_placeholders == 0:
-            msgs[0]["content"] = IMAGE_PLACEHOLDER * n_images + msgs[0]["content"]  # image first (phantom.md#prompts)
+            msgs[0]["content"] = IMAGE_PLACEHOLDER * n_images + msgs[0]["content"]  # image first (docs/phantom.md#prompts)
         elif n_images != n_placeholders:
             raise SampleError(
                 "image_count_mismatch",
