@@ -32,6 +32,7 @@ from phantom_ray.vllm.inputs import vllm_prompt  # noqa: E402
 
 FAMILIES = ["tiny-qwen2", "tiny-internlm2", "tiny-phi3"]
 MAX_TOKENS = 12
+PHANTOM_SCALE = 30.0  # phantom weights ~N(0, 0.6): the branch moves greedy tokens (see the sensitivity test)
 QUESTIONS = [
     "Hi",
     "What colour is the square?",
@@ -49,7 +50,7 @@ def new_llm(model_dir: str, **kw):
 
     opts = dict(model=model_dir, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=32 * 2**20,
                 max_model_len=256, max_num_seqs=8, seed=0,
-                block_size=16)  # small blocks: the short test prompts fill whole (cacheable) blocks
+                block_size=32)  # the smallest the CPU backend takes: test prompts fill whole (cacheable) blocks
     opts.update(kw)
     return LLM(**opts)
 
@@ -68,6 +69,9 @@ def family(request, tmp_path_factory):
     preset = request.param
     d = str(tmp_path_factory.mktemp(preset))
     model = PhantomForCausalLM.from_preset(preset, seed=0, phantom_eta=1.0).eval()
+    with torch.no_grad():  # init std 0.02 leaves the branch near-silent even at eta 1: make it count
+        for _, p in model.phantom_parameters():
+            p.mul_(PHANTOM_SCALE)
     model.save_pretrained(d)
     tok = build_tiny_tokenizer(model.config.template)
     tok.save_pretrained(d)
@@ -116,7 +120,7 @@ def test_prefix_cache_serves_same_prefix_twice(family):
     (augmented phantom keys/values are reused) and still equal the torch engine."""
     _, model, proc, llm = family
     img = _image(64, 32, 3)
-    base = "Look at every shape in this picture carefully, then answer. " * 2
+    base = "Look at every shape in this picture carefully, then answer. " * 3
     cases = [(base + "What colour is the circle?", [img]), (base + "What colour is the circle?", [img]),
              (base + "How many squares?", [img]), (base + "Is the triangle big?", [])]
     for i, (q, ims) in enumerate(cases):
