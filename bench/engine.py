@@ -164,6 +164,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
     ap.add_argument("--skip-torch", action="store_true", help="vLLM runs only (the torch figure is then missing)")
+    ap.add_argument("--torch-tps", type=float, help="with --skip-torch: a torch tokens/s figure measured before, for the ratio")
     args = ap.parse_args()
     tdtype = getattr(torch, args.dtype)
     prompts, max_tokens = workload(args.requests, args.seed, 151655)
@@ -187,7 +188,8 @@ def main():
     for name, (tps, ttft, wall) in results.items():
         print(f"{name:<14}{tps:>10.1f}{wall:>9.1f}{pct(ttft, 50):>12.2f}{pct(ttft, 99):>12.2f}")
     ph = results["phantom-vllm"][0]
-    x = ph / results["torch"][0] if "torch" in results else float("nan")
+    torch_tps = results["torch"][0] if "torch" in results else args.torch_tps
+    x = ph / torch_tps if torch_tps else float("nan")
     y = ph / results["plain-vllm"][0]
     print(f"phantom-vllm/torch tokens/s ratio: {x:.2f}; phantom-vllm/plain-vllm: {y:.2f}")
 

@@ -104,6 +104,14 @@ def vllm_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: AttnCont
 phantom_attn.KERNELS["vllm"] = vllm_kernel
 
 
+def _packed_forward(m: nn.Linear):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = m.cpu_linear(x.reshape(-1, x.shape[-1]), m.weight, m.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    return forward
+
+
 def _attn_metadata():
     if not is_forward_context_available():
         return None
@@ -258,8 +266,24 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
         if missing or unexpected:
             raise ValueError(f"checkpoint keys do not match the Phantom model: missing {missing[:20]}, "
                              f"unexpected {unexpected[:20]}")
+        self._use_vllm_cpu_gemm()
         self._phantom_states = self.compute_phantom_states(self.phantom_token_id)
         return set(params)
+
+    def _use_vllm_cpu_gemm(self) -> None:
+        """On CPU, run the decoder's linears (and the LM head) through vLLM's prepacked GEMM
+        (oneDNN / sgl-kernel), as vLLM's own models do; the weights stay as loaded."""
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return
+        from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+        for m in self.language_model.modules():
+            if type(m) is not nn.Linear or m.weight.shape[0] < 64:  # tiny gate projections: plain torch
+                continue
+            dispatch_cpu_unquantized_gemm(m, remove_weight=False)
+            m.forward = _packed_forward(m)
 
     @torch.no_grad()
     def compute_phantom_states(self, token_id: int) -> list:
