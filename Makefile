@@ -47,8 +47,9 @@ test: install
 test-fast: install
 	VENV=$(VENV) bash scripts/run_tests.sh
 
+# under the loopback proxy trap: nothing it starts may send traffic off this machine
 quickstart: install
-	$(BIN)/phantom-ray quickstart
+	VENV=$(VENV) bash scripts/run_trapped.sh $(BIN)/phantom-ray quickstart
 
 clean:
 	rm -rf $(VENV) .phantom_ray_quickstart

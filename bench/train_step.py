@@ -66,7 +66,7 @@ def bench_one(name: str, phantom: bool, device: str, steps: int, pairs: int, tex
     model.use_phantom = phantom
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig.from_dict({
-            "data": {"shards": tmp, "task": "po", "batch_size": pairs, "model": "tiny-qwen2"},
+            "data": {"shards": tmp, "task": "po", "batch_size": pairs},
             "model": {"preset": "tiny-qwen2", "attn_implementation": attn},
             "recipe": {"step": 2}, "optim": {"lr": 1e-5},
             "deepspeed": {"zero_stage": 0, "precision": "auto"}})

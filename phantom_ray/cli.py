@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "serve": "phantom_ray.serving.cli",
     "eval": "phantom_ray.eval.cli",
     "quickstart": "phantom_ray.quickstart",
+    "ask": "phantom_ray.ask",
 }
 
 
@@ -45,10 +46,38 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error(exc: BaseException) -> BaseException | None:
+    """The phantom_ray user error behind ``exc`` (bad input, config, path or model id), looking
+    through Ray's wrappers (a task or actor that failed on the user's input), else None."""
+    from phantom_ray.config import ConfigError
+    from phantom_ray.ingest import InputError
+
+    user_errors: tuple[type[BaseException], ...] = (InputError, ConfigError, FileNotFoundError, NotADirectoryError,
+                                                    IsADirectoryError, PermissionError)
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, user_errors):
+            return exc
+        # RayTaskError / ActorDiedError keep the original exception as .cause
+        exc = getattr(exc, "cause", None) or exc.__cause__
+        seen += 1
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A user error (missing file or model, bad config, refused input) is one
+    line on stderr and exit status 2, not a traceback; anything else is a bug and keeps its traceback."""
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:  # noqa: BLE001 - re-raised unless it is a user error
+        err = _user_error(exc)
+        if err is None or getattr(args, "verbose", False):
+            raise  # a bug, or -v: keep the traceback
+        msg = " ".join(str(err).split()) or type(err).__name__
+        print(f"phantom-ray {args.command}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

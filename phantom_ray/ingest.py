@@ -318,7 +318,7 @@ class FetchPolicy:
 
     def __post_init__(self):
         object.__setattr__(self, "allowed_urls", tuple(self.allowed_urls))
-        object.__setattr__(self, "_parsed", tuple(_parse_allow_entry(e) for e in self.allowed_urls))
+        object.__setattr__(self, "_parsed", tuple(parse_allow_entry(e) for e in self.allowed_urls))
 
 
 def fetch_bytes(source: str | os.PathLike, policy: FetchPolicy = FetchPolicy()) -> bytes:
@@ -550,7 +550,7 @@ def normalize_url(url: str) -> NormURL:
     return NormURL(scheme, host, port, tuple(segments), parts.query)
 
 
-def _parse_allow_entry(entry: str) -> tuple:
+def parse_allow_entry(entry: str) -> tuple:
     """An allowlist entry -> ('http'|'https', host, port, segments) or ('s3', bucket, None, segments)."""
     if entry.lower().startswith("s3://"):
         bucket, segs = _s3_parts(entry)

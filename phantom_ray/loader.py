@@ -11,7 +11,8 @@ A model id is one of:
 Every download lands under one cache root, :func:`phantom_ray.model.loading.cache_root`
 (``$PHANTOM_RAY_CACHE``, default ``~/.cache/phantom_ray``). Serving, captioning, eval, training-time
 evaluation, the quickstart and the engines all call :func:`load_model` (weights) or
-:func:`load_processor` (config + tokenizer only, for CPU preprocessing stages);
+:func:`load_processor` (config + tokenizer only, for CPU preprocessing stages) or
+:func:`load_weights` (the model alone, e.g. a frozen DPO reference);
 :func:`local_model_dir` gives a directory for any id (what vLLM needs), writing a preset's random
 weights and tiny tokenizer there once.
 
@@ -97,12 +98,12 @@ def _processor(config, tokenizer, max_length: int, max_pixels: int | None):
     return PhantomProcessor(config, tokenizer, max_length=max_length, **kw)
 
 
-def load_model(model_id: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
-               attn_implementation: str = "sdpa", seed: int = 0, max_length: int = 4096,
-               max_pixels: int | None = None) -> Loaded:
-    """Model + tokenizer + processor for ``model_id`` (see the module docstring)."""
+def load_weights(model_id: str, *, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = "auto", attn_implementation: str = "sdpa",
+                 seed: int = 0):
+    """The model alone (no tokenizer needed: a frozen reference model, a checkpoint of weights
+    only), in eval mode on ``device``; returns ``(model, local_dir)`` (``None`` for a preset)."""
     from phantom_ray.model import PhantomForCausalLM
-    from phantom_ray.processing import load_tokenizer
 
     model_id = str(model_id)
     device = device or default_device()
@@ -110,18 +111,27 @@ def load_model(model_id: str, *, device: str | torch.device | None = None, dtype
     if is_preset(model_id):
         _warn_preset(model_id, seed)
         model = PhantomForCausalLM.from_preset(model_id, attn_implementation=attn_implementation, seed=seed)
-        tokenizer = load_tokenizer(model_id, model.config)
         local = None
     else:
         local = resolve_model_dir(model_id)
         model = PhantomForCausalLM.from_pretrained(str(local), dtype=torch_dtype,
                                                    attn_implementation=attn_implementation, device="cpu")
         model.name_or_path = model_id
-        tokenizer = load_tokenizer(str(local), model.config)
     if torch_dtype is not None:
         model = model.to(dtype=torch_dtype)
-    model = model.to(device).eval()
-    return Loaded(model, tokenizer, _processor(model.config, tokenizer, max_length, max_pixels), model_id, local)
+    return model.to(device).eval(), local
+
+
+def load_model(model_id: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
+               attn_implementation: str = "sdpa", seed: int = 0, max_length: int = 4096,
+               max_pixels: int | None = None) -> Loaded:
+    """Model + tokenizer + processor for ``model_id`` (see the module docstring)."""
+    from phantom_ray.processing import load_tokenizer
+
+    model, local = load_weights(model_id, device=device, dtype=dtype, attn_implementation=attn_implementation,
+                                seed=seed)
+    tokenizer = load_tokenizer(str(model_id) if local is None else str(local), model.config)
+    return Loaded(model, tokenizer, _processor(model.config, tokenizer, max_length, max_pixels), str(model_id), local)
 
 
 def load_config(model_id: str, **config_overrides):
@@ -189,4 +199,4 @@ def local_model_dir(model_id: str, seed: int = 0) -> Path:
 
 
 __all__ = ["Loaded", "ModelNotFoundError", "default_device", "is_preset", "load_config", "load_model",
-           "load_processor", "local_model_dir", "resolve_dtype", "resolve_model_dir"]
+           "load_processor", "load_weights", "local_model_dir", "resolve_dtype", "resolve_model_dir"]

@@ -6,8 +6,8 @@ Use this instead of a bare ``ray.init`` so every local run starts the same way:
   ~1 s of start-up and ~300 MB, and its usage-stats module probes cloud metadata addresses
   (169.254.169.254, metadata.google.internal) on every start, even with usage stats disabled;
 * usage stats off (``RAY_USAGE_STATS_ENABLED=0``) unless the caller's environment set it;
-* worker logs are not echoed to the driver's console (``log_to_driver=False``) and Ray's own
-  logging stays at WARNING, so a CLI prints its own lines, not Ray's start-up chatter;
+* Ray's own logging stays at WARNING, so a CLI prints its own lines, not Ray's start-up chatter
+  (worker output still reaches the console unless the caller passes ``log_to_driver=False``);
 * ``address`` connects to an existing cluster (``"auto"`` or ``host:port``); then the cluster's
   own settings apply and only ``runtime_env``/namespace-like options are passed on.
 
@@ -29,7 +29,6 @@ def init_ray(address: str | None = None, **kw: Any):
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kw.setdefault("log_to_driver", False)
     kw.setdefault("logging_level", logging.WARNING)
     kw.setdefault("configure_logging", True)
     if address is None:

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 from urllib.parse import urlparse
 
 __all__ = [
@@ -29,6 +29,8 @@ __all__ = [
     "join",
     "basename",
     "list_files",
+    "iter_files",
+    "canonical_uri",
     "read_bytes",
     "read_text",
     "write_bytes_atomic",
@@ -174,6 +176,103 @@ def list_files(uri: str, suffixes: Iterable[str] | str | None = None) -> list[st
                 continue
             out.append(os.path.join(root, f))
     return sorted(out)
+
+
+def canonical_uri(uri: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
+    """The one spelling of a file, directory or ``s3://`` object/prefix, so that every spelling of
+    the same thing compares equal (exactly-once captioning keys on it).
+
+    * ``s3://b//k/./x/../y/`` -> ``s3://b/k/y`` (empty and dot segments removed, no trailing slash;
+      ``..`` never climbs above the bucket);
+    * ``file:///p``, ``file://localhost/p``, ``file:/p`` -> the local path ``/p``;
+    * a local path is made absolute against ``base`` (default: the current directory), normalised,
+      and its symlinks resolved (``os.path.realpath``), so ``images``, ``./images/``, ``/abs/images``
+      and a symlink to it are one key.
+    Other URIs (``http://...``) are returned unchanged.
+    """
+    from urllib.parse import unquote
+
+    s = str(uri).strip()
+    if not s:
+        raise ValueError("empty path/URI")
+    if is_s3(s):
+        rest = s[len("s3://"):]
+        bucket, _, key = rest.partition("/")
+        if not bucket:
+            raise ValueError(f"s3 URI without a bucket: {s!r}")
+        parts: list[str] = []
+        for seg in key.split("/"):
+            if seg in ("", "."):
+                continue
+            if seg == "..":
+                if parts:
+                    parts.pop()
+                continue
+            parts.append(seg)
+        return f"s3://{bucket}/{'/'.join(parts)}" if parts else f"s3://{bucket}"
+    if s.lower().startswith("file:"):
+        parsed = urlparse(s)
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"{s!r}: file URIs on another host are not supported")
+        s = unquote(parsed.path)
+    elif "://" in s:
+        return s
+    p = os.path.expanduser(s)
+    if not os.path.isabs(p):
+        p = os.path.join(str(base) if base is not None else os.getcwd(), p)
+    return os.path.realpath(p)
+
+
+def iter_files(uri: str, suffixes: Iterable[str] | str | None = None, page_size: int = 1000) -> Iterator[str]:
+    """Every file under ``uri`` (recursively) as canonical URIs/paths, hidden names skipped, in a
+    deterministic order, without ever holding the whole listing: S3 is listed page by page
+    (``page_size`` keys a request, lexicographic key order); a local tree is walked depth first with
+    each directory's entries sorted by name. ``uri`` may name a single file."""
+    if isinstance(suffixes, str):
+        suffixes = (suffixes,)
+    suffixes = tuple(suffixes) if suffixes else None
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
+    uri = canonical_uri(uri)
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        client = s3_client()
+        if key and _object_exists(client, bucket, key):
+            if not suffixes or key.endswith(suffixes):
+                yield f"s3://{bucket}/{key}"
+            return
+        prefix = f"{key}/" if key else ""
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size})
+        for page in pages:
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(prefix):]
+                if not rel or any(_is_hidden(p) for p in rel.split("/")):
+                    continue
+                if suffixes and not rel.endswith(suffixes):
+                    continue
+                yield f"s3://{bucket}/{obj['Key']}"
+        return
+    if os.path.isfile(uri):
+        if not suffixes or uri.endswith(suffixes):
+            yield uri
+        return
+    if not os.path.isdir(uri):
+        return
+
+    def walk(d: str) -> Iterator[str]:
+        with os.scandir(d) as it:
+            entries = sorted((e.name, e.is_dir(follow_symlinks=False), e.is_file()) for e in it)
+        for name, is_dir, is_file in entries:
+            if _is_hidden(name):
+                continue
+            path = os.path.join(d, name)
+            if is_dir:
+                yield from walk(path)
+            elif is_file and (not suffixes or name.endswith(suffixes)):
+                yield path
+
+    yield from walk(uri)
 
 
 def read_bytes(uri: str) -> bytes:

@@ -311,3 +311,17 @@ def test_load_checkpoint_from_directory_and_s3(engine, tmp_path, s3_bucket, monk
     _save_checkpoint(engine, uri)
     from_s3 = load_engine(uri, backend="torch", dtype="float32")
     assert [g.text for g in from_s3.generate(reqs)] == want
+
+
+def test_mixed_sampling_settings_share_a_batch_and_equal_each_alone(engine):
+    pairs = _pairs(4)
+    settings = [SamplingParams(max_tokens=10), SamplingParams(max_tokens=10, temperature=0.7, seed=1),
+                SamplingParams(max_tokens=10, temperature=1.5, top_p=0.8, seed=1), SamplingParams(max_tokens=6)]
+    reqs = [_req(im, p, s, key=f"m{i}") for i, ((im, p), s) in enumerate(zip(pairs, settings))]
+    n_before = len(engine.batch_sizes)
+    together = engine.generate(reqs, batch_size=4)
+    assert engine.batch_sizes[n_before:] == [4], "greedy and sampled rows should share one batch"
+    alone = [engine.generate([r])[0] for r in reqs]
+    assert [g.text for g in together] == [g.text for g in alone]
+    assert [g.completion_tokens for g in together] == [g.completion_tokens for g in alone]
+    assert together[3].completion_tokens <= 6

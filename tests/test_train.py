@@ -121,14 +121,40 @@ def test_train_config_yaml_overrides_and_errors(tmp_path):
     assert TrainConfig.from_yaml(str(tmp_path / "saved.yaml")) == cfg
     with pytest.raises(ValueError, match=r"t.yaml.*optim.lrr"):
         TrainConfig.from_yaml(str(p), overrides=["optim.lrr=1"])
-    with pytest.raises(ValueError, match=r"optim.lr: expected a number"):
+    with pytest.raises(ValueError, match=r"optim.lr: .*valid number.*'fast'"):
         TrainConfig.from_yaml(str(p), overrides=["optim.lr=fast"])
     with pytest.raises(ValueError, match=r"deepspeed.zero_stage"):
         TrainConfig.from_yaml(str(p), overrides=["deepspeed.zero_stage=4"])
     with pytest.raises(ValueError, match=r"needs data.task='po'"):
         TrainConfig.from_yaml(str(p), overrides=["data.task=sft"])
-    with pytest.raises(ValueError, match=r"data: unknown data config field"):
+    with pytest.raises(ValueError, match=r"data: .*unknown data config field.*batch_sise"):
         TrainConfig.from_yaml(str(p), overrides=["data.batch_sise=2"])
+    with pytest.raises(ValueError, match=r"data.model is not a training field"):
+        TrainConfig.from_yaml(str(p), overrides=["data.model=tiny-qwen2"])
+
+
+def test_model_named_once_and_relative_paths_resolved_against_the_launch_dir(tmp_path, monkeypatch):
+    """#13 item 8: relative paths are made absolute on the driver, against where the user launched
+    (Ray runs its workers in its session folder); URIs, presets and hub ids are left alone."""
+    p = tmp_path / "conf" / "t.yaml"
+    p.parent.mkdir()
+    p.write_text("model: {init_from: ./ckpt/export}\ndata: {shards: runs/x/packed, task: po, val_shards: [heldout]}\n"
+                 "loss: {reference: tiny-qwen2}\nrun: {storage_path: runs, name: r1}\n")
+    (tmp_path / "launch" / "ckpt" / "export").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "launch")  # launched from here, config elsewhere
+    cfg = TrainConfig.from_yaml(str(p))
+    assert cfg.data.model == "./ckpt/export"  # the processor follows the model section
+    r = cfg.resolved()
+    launch = str(tmp_path / "launch")
+    assert r.data.shards == [os.path.join(launch, "runs/x/packed")]
+    assert r.data.val_shards == [os.path.join(launch, "heldout")]
+    assert r.run.storage_path == os.path.join(launch, "runs")
+    assert r.run.export_uri() == os.path.join(launch, "runs", "r1", "export")
+    assert r.model.init_from == os.path.join(launch, "ckpt/export") and r.data.model == r.model.init_from
+    assert r.loss.reference == "tiny-qwen2"  # a preset name is not a path
+    s3 = TrainConfig.from_dict({"data": {"shards": "s3://b/p", "task": "po"}, "run": {"storage_path": "s3://b/runs"}})
+    assert s3.resolved().data.shards == ["s3://b/p"] and s3.resolved().run.storage_path == "s3://b/runs"
+    assert r.resolved() == r  # idempotent
 
 
 @pytest.mark.parametrize("path", sorted((p for p in (__import__("pathlib").Path(__file__).parents[1] / "configs" / "train").glob("*.yaml")),
@@ -256,6 +282,9 @@ def test_dpo_reference_pass_scores_processed_rows(tmp_path):
     ref_dir = str(tmp_path / "ref")
     ref = PhantomForCausalLM.from_preset("tiny-qwen2", seed=5)
     ref.save_pretrained(ref_dir)
+    from phantom_ray.processing import load_tokenizer
+
+    load_tokenizer("tiny-qwen2", ref.config).save_pretrained(ref_dir)  # a checkpoint carries its tokenizer
     data = DataConfig(shards=str(tmp_path / "packed"), task="po")
     scored = ReferenceScorer(ref_dir, "tiny-qwen2", data.to_dict())(table)
     cols = {n: scored.column(n).to_numpy(zero_copy_only=False) for n in scored.column_names}
@@ -307,7 +336,8 @@ def test_step2_starts_from_step1_export(tmp_path, batches):
     step1 = _recipe(tiny_cfg(tmp_path, recipe={"step": 1}, optim={"eps": 1e-30}))
     step1.train_epoch(batches[:1])
     export = step1.export(str(tmp_path / "step1-export"))
-    cfg2 = tiny_cfg(tmp_path, recipe={"step": 2}, model={"init_from": export}, data={"model": export})
+    cfg2 = tiny_cfg(tmp_path, recipe={"step": 2}, model={"init_from": export})
+    assert cfg2.data.model == export  # the processor follows the model section
     step2 = _recipe(cfg2)
     trained = dict(step1.model.named_parameters())
     for n, p in step2.model.named_parameters():
@@ -315,3 +345,59 @@ def test_step2_starts_from_step1_export(tmp_path, batches):
         assert p.requires_grad, n
     step2.train_epoch(batches[1:2])
     assert step2.state.step == 1
+
+
+# ---- packing and LoRA in the recipe ----------------------------------------------------------------------
+
+def test_packed_batch_gives_the_padded_batch_loss(tmp_path):
+    """The recipe's loss on a packed PO batch equals its loss on the same pairs padded."""
+    from phantom_ray.model import PhantomConfig
+    from phantom_ray.processing import PhantomProcessor, load_tokenizer
+
+    from test_packing import _pairs
+
+    pc = PhantomConfig.from_preset("tiny-qwen2")
+    proc = PhantomProcessor(pc, load_tokenizer("tiny-qwen2", pc), max_length=256)
+    pairs = _pairs(proc, 4, seed=2)
+    rec = _recipe(tiny_cfg(tmp_path, recipe={"step": 2}, loss={"chunk_tokens": 7}))
+    padded, packed = proc.collate_pairs(pairs), proc.pack_pairs(pairs, 400)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    with torch.no_grad():
+        a, b = rec.forward_loss(padded).metrics(), rec.forward_loss(packed).metrics()
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), k
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_lora_step2_trains_adapters_and_exports(tmp_path, batches, merge):
+    pytest.importorskip("peft")
+    from phantom_ray.model import PhantomForCausalLM
+    from phantom_ray.train.lora import load_with_adapter
+
+    cfg = tiny_cfg(tmp_path, recipe={"step": 2, "lora": {"enabled": True, "r": 4, "vision": True,
+                                                          "merge_on_export": merge}}, optim={"lr": 5e-2})
+    rec = _recipe(cfg)
+    names = rec.trainable_names
+    assert any("language_model" in n and "lora_A" in n for n in names)
+    assert any("vision_model" in n and "lora_B" in n for n in names)
+    assert not any(n.endswith("q_proj.base_layer.weight") for n in names)  # base weights frozen
+    assert any("_phantom" in n for n in names)
+    rec.train_epoch(batches[:2])
+    sd = {n: p for n, p in rec.model.named_parameters()}
+    assert any(float(p.detach().abs().sum()) > 0 for n, p in sd.items() if "lora_B" in n)  # adapters moved off zero
+    batch = batches[2]
+    rec.engine.eval()
+    with torch.no_grad():
+        want = rec.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                         image_repeat=2).logits
+    export = rec.export(str(tmp_path / "export"))
+    exported = os.listdir(export)
+    if merge:
+        assert "adapter_config.json" not in exported
+        model = PhantomForCausalLM.from_pretrained(export).eval()
+    else:
+        assert "adapter_model.safetensors" in exported
+        model = load_with_adapter(export)
+    with torch.no_grad():
+        got = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], image_repeat=2).logits
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()

@@ -14,15 +14,16 @@ import torch
 from phantom_ray import storage
 from phantom_ray.train.config import TrainConfig
 
-from train_helpers import pair_batches
+import train_helpers
+from train_helpers import PauseAtStep, pair_batches
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny_run_cfg(shards: str, storage_path: str, name: str, *overrides: str) -> TrainConfig:
     return TrainConfig.from_yaml(os.path.join(REPO, "configs/train/tiny-cpu.yaml"), overrides=[
-        f"data.shards={shards}", f"run.storage_path={storage_path}", f"run.name={name}",
-        "scaling.cpus_per_worker=0.25", "synth.num_samples=64", *overrides])
+        f"data.shards={shards}", f"data.val_shards={shards}-val", f"run.storage_path={storage_path}",
+        f"run.name={name}", "scaling.cpus_per_worker=0.25", "synth.num_samples=64", *overrides])
 
 
 def test_zero2_and_zero3_match_single_process_loss_curve(ray_local, tmp_path):
@@ -107,9 +108,27 @@ def test_s3_checkpoints_resume_and_export(s3_bucket, ray_local, tmp_path):
 
     shards = f"{s3_bucket}/packed"
     cfg = _tiny_run_cfg(shards, f"{s3_bucket}/runs", "s3run", "run.epochs=1", "run.max_steps=2",
-                        "run.checkpoint_every=2", "data.batch_size=4", "run.num_to_keep=null")
+                        "run.checkpoint_every=2", "data.batch_size=4", "run.num_to_keep=null",
+                        "run.report_every=1", "run.val_every=2", "data.val_max_samples=8")
+    assert cfg.data.max_tokens_per_row  # tiny-cpu.yaml trains with packing
     first = run_training(cfg)
     assert first["step"] == 2 and first["failures"] == 0
+
+    # curves: metrics.jsonl and TensorBoard event files in the run directory (on S3 here)
+    from phantom_ray.train.tracking import read_metrics
+
+    run_dir = f"{s3_bucket}/runs/s3run"
+    lines = read_metrics(run_dir)
+    train = [m for m in lines if m["split"] == "train"]
+    val = [m for m in lines if m["split"] == "val"]
+    assert [m["step"] for m in train] == [1, 2]
+    for key in ("loss", "sft_loss", "pref_loss", "reward_margin", "pref_accuracy", "lr", "grad_norm", "tokens_per_s",
+                "samples_per_s", "row_fill"):
+        assert all(key in m for m in train), key
+    assert all(0 < m["row_fill"] <= 1 for m in train)
+    assert [m["step"] for m in val] == [2]
+    assert val[0]["val/loss"] > 0 and 0 <= val[0]["val/heldout_accuracy"] <= 1 and val[0]["val/samples"] > 0
+    assert any("tfevents" in u for u in storage.list_files(storage.join(run_dir, "tensorboard")))
     ckpts = list_checkpoints(cfg)
     assert [c["step"] for c in ckpts] == [2] and ckpts[0]["uri"].startswith(s3_bucket)
     assert len(ckpts[0]["consumed"]) == 2 * 2 * 4  # 2 steps x 2 workers x 4 pairs
@@ -145,8 +164,15 @@ def test_tiny_cpu_config_learns_the_synthetic_task(ray_local, tmp_path):
 
     shards = str(tmp_path / "packed")
     cfg = TrainConfig.from_yaml(os.path.join(REPO, "configs/train/tiny-cpu.yaml"), overrides=[
-        f"data.shards={shards}", f"run.storage_path={tmp_path / 'runs'}", "scaling.cpus_per_worker=0.25"])
+        f"data.shards={shards}", f"data.val_shards={shards}-val", f"run.storage_path={tmp_path / 'runs'}",
+        "scaling.cpus_per_worker=0.25"])
     metrics = run_training(cfg)
+    # validation ran in the loop and its curve is in the run directory
+    from phantom_ray.train.tracking import read_metrics
+
+    val = [m for m in read_metrics(str(tmp_path / "runs" / "tiny-cpu")) if m["split"] == "val"]
+    assert val and val[-1]["val/heldout_accuracy"] > val[-1]["val/heldout_chance"]
+    assert os.listdir(tmp_path / "runs" / "tiny-cpu" / "tensorboard")
     acc = choice_accuracy(metrics["export"], os.path.join(shards, "_synth", "heldout", "synth_triples.json"),
                           limit=1000)
     assert acc["n"] == 640
@@ -177,8 +203,10 @@ def test_killed_worker_resumes_without_repeating_or_skipping_samples(ray_local, 
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    metrics = run_training(cfg, debug={"pid_dir": str(pid_dir), "pause_at_step": 7, "pause_rank": 1,
-                                                "pause_s": 120})
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(train_helpers)  # the workers cannot import tests/
+    metrics = run_training(cfg, step_callbacks=[PauseAtStep(str(pid_dir), step=7, rank=1, pause_s=120)])
     t.join(timeout=5)
     assert killed, "the worker was never killed"
     assert metrics["failures"] == 1

@@ -47,3 +47,25 @@ def pair_batches(n_batches: int, batch_size: int = 4, seed: int = 0, task: str =
         batch["sample_id"] = [f"s{seed}-{b}-{i}" for i in range(batch_size)]
         out.append(batch)
     return out
+
+
+class PauseAtStep:
+    """Test-only step callback for ``run_training(step_callbacks=[...])``: at ``step`` on ``rank``,
+    write this worker's PID to ``<pid_dir>/rank<r>.pid`` and sleep, so the test can kill it between
+    checkpoints. Only the first attempt pauses (the marker file exists afterwards)."""
+
+    def __init__(self, pid_dir: str, step: int, rank: int, pause_s: float = 60.0):
+        self.pid_dir, self.step, self.rank, self.pause_s = pid_dir, step, rank, pause_s
+
+    def __call__(self, rank: int, step: int) -> None:
+        import time
+
+        if step != self.step or rank != self.rank:
+            return
+        marker = os.path.join(self.pid_dir, f"rank{rank}.pid")
+        if os.path.exists(marker):
+            return
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(marker + ".tmp", marker)
+        time.sleep(self.pause_s)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -24,7 +23,11 @@ def _synth(args: argparse.Namespace) -> int:
 def _pack(args: argparse.Namespace) -> int:
     from phantom_ray.data.pack import pack
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from phantom_ray.logs import setup_logging
+
+    logs = setup_logging(None, verbose=args.verbose, name="data-pack")
+    if args.executor == "ray":
+        logs.init_ray()
     m = pack(args.input, args.layout, args.output, image_root=args.image_root, shard_size_mb=args.shard_size_mb,
              source=args.source, executor=args.executor, max_in_flight=args.max_in_flight)
     print(json.dumps({k: m[k] for k in ("input_rows", "rows", "errors", "bytes", "pack_seconds")}
@@ -53,6 +56,9 @@ def add_pack_arguments(k: argparse.ArgumentParser) -> argparse.ArgumentParser:
     k.add_argument("--executor", choices=("ray", "local"), default="ray",
                    help="ray: one Ray task per chunk (default); local: in this process")
     k.add_argument("--max-in-flight", type=int, default=None, help="Ray tasks in flight (default 2x CPUs)")
+    from phantom_ray.logs import add_verbose_flag
+
+    add_verbose_flag(k)
     k.set_defaults(func=_pack)
     return k
 
@@ -60,11 +66,19 @@ def add_pack_arguments(k: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def register(subparsers) -> None:
     from phantom_ray.data.readers import LAYOUTS
 
-    p = subparsers.add_parser("data", help="synthesize, pack and inspect training corpora")
+    from phantom_ray.logs import add_verbose_flag
+
+    def _example(cmd: str) -> dict:
+        return {"epilog": f"example:\n  {cmd}", "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+    p = subparsers.add_parser("data", help="synthesize, pack and inspect training corpora",
+                              **_example("phantom-ray data synth --output /tmp/synth --num-samples 100 --layout llava"))
     sub = p.add_subparsers(dest="data_command", metavar="ACTION")
     sub.required = True
 
-    s = sub.add_parser("synth", help="write the synthetic shapes corpus in one or all input layouts")
+    s = sub.add_parser("synth", help="write the synthetic shapes corpus in one or all input layouts",
+                       **_example("phantom-ray data synth --output /tmp/synth --num-samples 100 --layout llava"))
+    add_verbose_flag(s)
     s.add_argument("--output", required=True, help="local path or s3://bucket/prefix")
     s.add_argument("--num-samples", type=int, default=1000)
     s.add_argument("--layout", choices=LAYOUTS, default=None, help="default: all layouts, one per subdirectory")
@@ -73,8 +87,13 @@ def register(subparsers) -> None:
     s.add_argument("--heldout-fraction", type=float, default=0.1)
     s.set_defaults(func=_synth)
 
-    add_pack_arguments(sub.add_parser("pack", help="pack a corpus into parquet shards with a manifest and an errors table"))
+    add_pack_arguments(sub.add_parser(
+        "pack", help="pack a corpus into parquet shards with a manifest and an errors table",
+        **_example("phantom-ray data pack --input /tmp/synth/synth_llava.json --layout llava --output /tmp/packed "
+                   "--executor local")))
 
-    i = sub.add_parser("info", help="print a pack's manifest summary")
+    i = sub.add_parser("info", help="print a pack's manifest summary",
+                       **_example("phantom-ray data info --output /tmp/packed"))
+    add_verbose_flag(i)
     i.add_argument("--output", required=True)
     i.set_defaults(func=_info)

@@ -43,7 +43,7 @@ import numpy as np
 
 from phantom_ray import storage
 from phantom_ray.data.pack import read_manifest
-from phantom_ray.data.schema import ERRORS_SCHEMA, RowError
+from phantom_ray.data.schema import ERRORS_SCHEMA, RowError, encode_pixels, row_to_sample
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,17 @@ class DataConfig:
     model: str = "tiny-qwen2"                    # processor: preset name or checkpoint dir / s3:// URI
     max_length: int = 2048
     errors_output: str | None = None             # default: <first shards>/train_errors
+    max_tokens_per_row: int | None = None        # packing: samples share rows of this many tokens; None: pad
+    val_shards: str | list[str] | None = None    # held-out pack output(s) for validation in the loop
+    val_max_samples: int = 64                    # validation samples per evaluation (per worker)
 
     def __post_init__(self):
         if isinstance(self.shards, str):
             self.shards = [self.shards] if self.shards else []
+        if isinstance(self.val_shards, str):
+            self.val_shards = [self.val_shards]
+        if self.max_tokens_per_row is not None and self.max_tokens_per_row < 1:
+            raise ValueError(f"data.max_tokens_per_row must be >= 1 (or null: no packing), got {self.max_tokens_per_row}")
         if not self.shards:
             raise ValueError("data.shards: give at least one pack output URI (the --output of `data pack`)")
         if self.task not in TASK_KINDS:
@@ -242,12 +249,8 @@ def process_row(row: dict, processor, task: str = "sft", pixel_dtype: str = "flo
     else:
         sample = processor.encode(messages, images=images)
         out |= {"input_ids": _ids(sample.input_ids), "labels": _ids(sample.labels)}
-    pv = sample.pixel_values
-    if pv is not None:
-        arr = pv.detach().cpu().numpy().astype(pixel_dtype)
-        out |= {"pixel_values": arr.tobytes(), "pixel_shape": list(arr.shape)}
-    else:
-        out |= {"pixel_values": None, "pixel_shape": None}
+    pixels, shape = encode_pixels(sample.pixel_values, pixel_dtype)
+    out |= {"pixel_values": pixels, "pixel_shape": shape}
     out["num_tiles"] = list(sample.num_tiles)
     return out
 
@@ -325,23 +328,16 @@ def build_train_dataset(cfg: DataConfig, epoch: int = 0, *, preprocess: bool = T
 # ---- per worker ------------------------------------------------------------------------------------
 
 def _sample(ids, labels, pixel, shape, num_tiles, dtype):
-    import torch
-
-    from phantom_ray.processing import Sample
-
-    pv = None
-    if pixel is not None:
-        pv = torch.from_numpy(np.frombuffer(pixel, dtype=dtype).reshape([int(x) for x in shape]).astype(np.float32))
-    return Sample(input_ids=torch.as_tensor(np.asarray(ids, dtype=np.int64)),
-                  labels=torch.as_tensor(np.asarray(labels, dtype=np.int64)) if labels is not None else None,
-                  pixel_values=pv, num_tiles=[int(x) for x in num_tiles])
+    return row_to_sample(ids, labels, pixel, shape, num_tiles, dtype)
 
 
 class CollateProcessed:
     """``iter_torch_batches`` collate_fn: processed numpy columns -> ``processor.collate(_pairs)``."""
 
-    def __init__(self, processor, task: str = "sft", padding_side: str = "right", pixel_dtype: str = "float16"):
+    def __init__(self, processor, task: str = "sft", padding_side: str = "right", pixel_dtype: str = "float16",
+                 max_tokens_per_row: int | None = None):
         self.processor, self.task, self.padding_side, self.dtype = processor, task, padding_side, pixel_dtype
+        self.max_tokens_per_row = max_tokens_per_row  # set: pack the batch's samples into shared rows
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
         from phantom_ray.processing import PairSample
@@ -355,11 +351,17 @@ class CollateProcessed:
                 r = _sample(batch["rejected_input_ids"][i], batch["rejected_labels"][i], pix[i], shapes[i], tiles[i],
                             self.dtype)
                 pairs.append(PairSample(chosen=c, rejected=r))
-            out = self.processor.collate_pairs(pairs, self.padding_side)
+            if self.max_tokens_per_row:
+                out = self.processor.pack_pairs(pairs, self.max_tokens_per_row)
+            else:
+                out = self.processor.collate_pairs(pairs, self.padding_side)
         else:
             samples = [_sample(batch["input_ids"][i], batch["labels"][i], pix[i], shapes[i], tiles[i], self.dtype)
                        for i in range(n)]
-            out = self.processor.collate(samples, self.padding_side)
+            if self.max_tokens_per_row:
+                out = self.processor.pack(samples, self.max_tokens_per_row)
+            else:
+                out = self.processor.collate(samples, self.padding_side)
         out["sample_id"] = [str(s) for s in batch["sample_id"]]
         return out
 

@@ -171,3 +171,45 @@ class RawRecord:
     image_path: str | None = None  # relative to the image root (or absolute / s3://)
     orig_id: str | None = None
     error: RowError | None = None  # set when parsing already failed
+
+
+# ---- the one Sample <-> Arrow row codec (processed rows between Ray Data stages) ------------------
+# Pixel values travel as raw bytes of a ``pixel_dtype`` array plus its shape: float16 for training
+# (half the bytes; the model casts anyway), float32 where outputs are compared with an in-process
+# run (eval). Token ids travel as int32 lists.
+
+PIXEL_DTYPES = ("float16", "float32")
+
+
+def encode_pixels(pixel_values, pixel_dtype: str = "float16") -> tuple[bytes | None, list[int] | None]:
+    """A pixel tensor (or None) -> (raw bytes, shape) for an Arrow row."""
+    if pixel_dtype not in PIXEL_DTYPES:
+        raise ValueError(f"pixel_dtype must be one of {PIXEL_DTYPES}, got {pixel_dtype!r}")
+    if pixel_values is None:
+        return None, None
+    arr = pixel_values.detach().cpu().numpy().astype(pixel_dtype, copy=False)
+    return arr.tobytes(), [int(x) for x in arr.shape]
+
+
+def decode_pixels(data: bytes | None, shape, pixel_dtype: str = "float16"):
+    """(raw bytes, shape) from an Arrow row -> a float32 tensor (or None)."""
+    import numpy as np
+    import torch
+
+    if data is None:
+        return None
+    arr = np.frombuffer(data, dtype=pixel_dtype).reshape([int(x) for x in shape]).astype(np.float32)
+    return torch.from_numpy(arr)
+
+
+def row_to_sample(input_ids, labels, pixel_values: bytes | None, pixel_shape, num_tiles, pixel_dtype: str = "float16"):
+    """Columns of one processed row -> a :class:`phantom_ray.processing.Sample`."""
+    import numpy as np
+    import torch
+
+    from phantom_ray.processing import Sample
+
+    return Sample(input_ids=torch.as_tensor(np.asarray(input_ids, dtype=np.int64)),
+                  labels=torch.as_tensor(np.asarray(labels, dtype=np.int64)) if labels is not None else None,
+                  pixel_values=decode_pixels(pixel_values, pixel_shape, pixel_dtype),
+                  num_tiles=[int(x) for x in num_tiles])

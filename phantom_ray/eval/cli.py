@@ -75,8 +75,11 @@ def _predict_fn(cfg: EvalConfig):
 
 def run(args: argparse.Namespace) -> int:
     from phantom_ray import storage
-    from phantom_ray.eval.results import results_markdown
+    from phantom_ray.eval.results import results_markdown, write_results_files
     from phantom_ray.eval.runner import run_eval
+    from phantom_ray.logs import setup_logging
+
+    setup_logging(None, verbose=args.verbose, name="eval", announce=not args.dry_run)
 
     try:
         cfg = build_config(args)
@@ -94,17 +97,26 @@ def run(args: argparse.Namespace) -> int:
     results = run_eval(cfg.benchmarks, cfg.data_root, cfg.output, predict_fn, model=cfg.model,
                        paper_size=cfg.paper_size, limit=cfg.limit, judge=judge, settings=cfg.settings())
     print(results_markdown(results))
+    files = write_results_files(results, cfg.output)
+    print(f"results table: {files['markdown']}\nresults chart: {files['chart']}")
     return 0
 
 
 def register(subparsers) -> None:
+    from phantom_ray.eval.items import BENCHMARKS
+    from phantom_ray.logs import add_verbose_flag
+
     p = subparsers.add_parser("eval", help="evaluate a checkpoint on the paper's benchmarks",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="benchmarks: " + ", ".join(BENCHMARKS) + "\n\nexample (the test suite's tiny "
+                                     "benchmark files):\n  phantom-ray eval --model tiny-qwen2 --benchmarks sqa,pope "
+                                     "--data-root tests/data/eval --output /tmp/phantom-eval --limit 2")
     p.add_argument("--config", default=None, help="EvalConfig YAML (local path or s3://); flags below override it")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="dotted overrides of EvalConfig fields, e.g. num_beams=3 judge.model=gpt-4o")
     p.add_argument("--model", default=None, help="checkpoint directory/URI or preset name")
-    p.add_argument("--benchmarks", default=None, help="comma-separated names (sqa,pope,...) or 'all'")
+    p.add_argument("--benchmarks", default=None,
+                   help="comma-separated names or 'all'; one of: " + ", ".join(BENCHMARKS))
     p.add_argument("--data-root", default=None, help="Evaluation_Dataset_Path of the seed README (local or s3://)")
     p.add_argument("--output", default=None, help="where predictions/ and results.{json,md} go (local or s3://)")
     p.add_argument("--num-beams", type=int, default=None, help="1 = greedy (default); the original used 3")
@@ -113,4 +125,5 @@ def register(subparsers) -> None:
     p.add_argument("--paper-size", default=None, choices=["0.5b", "1.8b", "3.8b", "7b"],
                    help="which paper column to compare with (default: guessed from --model)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    add_verbose_flag(p)
     p.set_defaults(func=run)

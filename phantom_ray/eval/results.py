@@ -62,3 +62,36 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {r['benchmark']} | {r['metric']} | {r['n']} | {_fmt(r['score'])} | {paper} | "
                      f"{r['skipped'] or ''} |")
     return "\n".join(lines) + "\n"
+
+
+def results_chart_png(results: dict[str, Any]) -> bytes:
+    """A bar chart (PNG bytes) of our score per benchmark beside the paper's, for ``results.png``."""
+    import os
+    import tempfile
+
+    from phantom_ray.plots import Series, bar_chart
+
+    rows = results["results"]
+    size = results.get("paper_size")
+    names = [r["benchmark"] + ("*" if r.get("paper_approximate") and r.get("paper") is not None else "") for r in rows]
+    ours = Series("ours" + (f" ({results['model']})" if results.get("model") else ""), color="#1f77b4",
+                  values=[None if r.get("skipped") else r.get("score") for r in rows])
+    paper = Series(f"paper ({size})" if size else "paper (no size named)", color="#bbbbbb",
+                   values=[r.get("paper") for r in rows])
+    title = "Eval results" + ("  (* paper value read off a figure, about +-1)" if any(n.endswith("*") for n in names) else "")
+    with tempfile.TemporaryDirectory(prefix="phantom-chart-") as d:
+        path = os.path.join(d, "results.png")
+        bar_chart(path, names, [ours, paper], title=title, ylabel="score (0-100)", ymax=100.0)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def write_results_files(results: dict[str, Any], output: str) -> dict[str, str]:
+    """``results.md`` (the table) and ``results.png`` (the chart) under ``output`` (local or s3://)."""
+    from phantom_ray import storage
+
+    md = storage.join(output, "results.md")
+    png = storage.join(output, "results.png")
+    storage.write_text_atomic(md, results_markdown(results))
+    storage.write_bytes_atomic(png, results_chart_png(results))
+    return {"markdown": md, "chart": png}

@@ -81,11 +81,9 @@ class Request:
 
     @classmethod
     def user(cls, text: str, images: Sequence[Any] = (), **kw) -> "Request":
-        """A one-turn request; an ``<image>`` placeholder is prepended per image if the text has none."""
-        images = list(images)
-        if images and "<image>" not in text:
-            text = "<image>\n" * len(images) + text
-        return cls(messages=[{"role": "user", "content": text}], images=images, **kw)
+        """A one-turn request. Text without ``<image>`` placeholders gets the images placed by the
+        processor exactly as the original inference prompt does (docs/phantom.md#d10-image-placeholder)."""
+        return cls(messages=[{"role": "user", "content": text}], images=list(images), **kw)
 
 
 @dataclass

@@ -18,7 +18,8 @@ is the same text as a generated one:
   left padded), so a request gets the same tokens alone or in a batch of sixteen.
 * Sampling draws from one ``torch.Generator`` per row seeded with ``params.seed_for(request.key)``,
   so a sampled answer is reproducible per request key and does not depend on its batch mates.
-  Requests share one ``generate`` call only when their sampling knobs agree (they are batch-wide).
+  Temperature and top_p are per row (greedy and sampled requests share a batch); requests share one
+  ``generate`` call when their top_k and ``ignore_eos`` agree.
 * Beam search (``num_beams > 1``) is :func:`phantom_ray.model.generation.beam_search`.
 * Text is decoded incrementally: a trailing partial UTF-8 character is held back until it
   completes, and so is a tail that could be the start of a stop string; a stop string ends its row
@@ -41,7 +42,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Callable, Sequence
 
 import torch
 
@@ -111,13 +112,12 @@ class _Row:
             self.sink(event)
 
     def group_key(self) -> tuple:
-        """Rows that can share one ``generate`` call (the sampling knobs are batch-wide)."""
+        """Rows that can share one ``generate`` call: temperature and top_p are per row (greedy and
+        sampled rows mix), top_k and the stop tokens are batch-wide; beam search runs apart."""
         p = self.params
         if p.num_beams > 1:
             return ("beam", p.num_beams, p.length_penalty, p.max_tokens, p.ignore_eos)
-        if p.greedy:
-            return ("greedy", p.ignore_eos)
-        return ("sample", float(p.temperature), float(p.top_p), int(p.top_k), p.ignore_eos)
+        return ("step", int(p.top_k), p.ignore_eos)
 
 
 class TorchEngine:
@@ -359,9 +359,11 @@ class TorchEngine:
         else:
             stop_set = set(stops)
             generators = None
-            if not first.greedy:
+            sampled = any(not r.params.greedy for r in rows)
+            if sampled:
                 dev = self.model.device
-                generators = [torch.Generator(device=dev).manual_seed(r.params.seed_for(r.key)) for r in rows]
+                generators = [None if r.params.greedy else
+                              torch.Generator(device=dev).manual_seed(r.params.seed_for(r.key)) for r in rows]
 
             def on_step(step: int, tokens: torch.Tensor, finished: torch.Tensor) -> None:
                 for r, tok in zip(rows, tokens.tolist()):
@@ -373,8 +375,8 @@ class TorchEngine:
             try:
                 self.model.generate(
                     inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"],
-                    max_new_tokens=max(r.params.max_tokens for r in rows), do_sample=not first.greedy,
-                    temperature=first.temperature if not first.greedy else 1.0, top_p=first.top_p,
+                    max_new_tokens=max(r.params.max_tokens for r in rows), do_sample=sampled,
+                    temperature=[r.params.temperature for r in rows], top_p=[r.params.top_p for r in rows],
                     top_k=first.top_k, stop_token_ids=stops, pad_token_id=self.processor.pad_token_id,
                     generator=generators, stream_callback=on_step)
             except _BatchDone:

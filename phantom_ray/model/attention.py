@@ -80,6 +80,60 @@ class AttnContext:
     cache: PhantomCache | None = None
     attn_implementation: str = "sdpa"
     use_phantom: bool = True
+    packed: "PackedSegments | None" = None  # several samples per row (training); None: one per row
+
+
+@dataclass
+class PackedSegments:
+    """Sample boundaries of a packed batch: several samples share a row, each attends only to
+    itself and has its own phantom token (its first token), positions restart per sample."""
+
+    segment_ids: torch.Tensor  # (B, L) long: sample number within the row, -1 on padding
+    phantom_pos: torch.Tensor  # (B, L) long: position in the row of each token's phantom token
+    segment_of: torch.Tensor  # (B, L) long: global sample number (0..S-1, row-major), pads -> previous
+    starts: tuple[torch.Tensor, torch.Tensor]  # (rows (S,), positions (S,)) of each sample's first token
+    cu_seqlens: torch.Tensor | None = None  # (S+1,) int32 for flash-attn varlen
+    max_seqlen: int = 0
+    token_index: torch.Tensor | None = None  # flat indices of the real tokens (flash)
+
+
+def packed_segments(segment_ids: torch.Tensor, for_flash: bool = False) -> PackedSegments:
+    B, L = segment_ids.shape
+    seg = segment_ids.long()
+    real = seg >= 0
+    prev = F.pad(seg[:, :-1], (1, 0), value=-1)
+    is_start = real & (seg != prev)  # samples are contiguous runs of one id
+    pos = torch.arange(L, device=seg.device).expand(B, L)
+    phantom_pos = torch.where(is_start, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    segment_of = (is_start.flatten().long().cumsum(0) - 1).clamp(min=0).view(B, L)
+    out = PackedSegments(seg, phantom_pos, segment_of, is_start.nonzero(as_tuple=True))
+    if for_flash:
+        counts = torch.bincount(segment_of[real], minlength=int(is_start.sum()))
+        out.cu_seqlens = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+        out.max_seqlen = int(counts.max()) if counts.numel() else 0
+        out.token_index = real.flatten().nonzero().squeeze(1)
+    return out
+
+
+def build_packed_context(segment_ids: torch.Tensor, attn_implementation: str, sliding_window: int | None = None,
+                         use_phantom: bool = True) -> AttnContext:
+    """Context of a packed training forward (no cache): causal attention within each sample only
+    (a block-diagonal mask for eager/sdpa; cu_seqlens for flash-attn varlen)."""
+    B, L = segment_ids.shape
+    packed = packed_segments(segment_ids, for_flash=attn_implementation == "flash")
+    real = packed.segment_ids >= 0
+    allowed = None
+    if attn_implementation != "flash":
+        idx = torch.arange(L, device=segment_ids.device)
+        causal = idx[None, :] <= idx[:, None]
+        if sliding_window is not None and L > sliding_window:
+            causal = causal & (idx[:, None] - idx[None, :] <= sliding_window)
+        seg = packed.segment_ids
+        allowed = causal[None] & (seg[:, :, None] == seg[:, None, :]) & real[:, None, :]
+        allowed = (allowed | torch.eye(L, dtype=torch.bool, device=seg.device)[None])[:, None]  # pads see themselves
+    return AttnContext(query_mask=real, key_mask=real, allowed=allowed, is_causal=False, past_length=0,
+                       phantom_local_index=None, cache=None, attn_implementation=attn_implementation,
+                       use_phantom=use_phantom, packed=packed)
 
 
 def build_context(
@@ -201,6 +255,17 @@ def flash_attention(q, k, v, ctx: AttnContext, scale: float) -> torch.Tensor:
 
     B, H, L, D = q.shape
     T = k.shape[2]
+    if ctx.packed is not None:  # one varlen sequence per packed sample
+        pk = ctx.packed
+        idx = pk.token_index
+        q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = flash_attn_varlen_func(
+            q_t.reshape(B * L, H, D)[idx], k_t.reshape(B * T, -1, k.shape[-1])[idx],
+            v_t.reshape(B * T, -1, v.shape[-1])[idx], pk.cu_seqlens, pk.cu_seqlens, pk.max_seqlen, pk.max_seqlen,
+            softmax_scale=scale, causal=True)
+        full = out.new_zeros(B * L, H, v.shape[-1])
+        full[idx] = out
+        return full.reshape(B, L, H, -1).transpose(1, 2)
     qm, km = ctx.query_mask, ctx.key_mask
     q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, len, heads, D)
     q_idx = qm.flatten().nonzero().squeeze(1)
@@ -242,8 +307,16 @@ class XAttention(nn.Module):
         return F.gelu(self.linear_k(phantom))[:, 0] * self.scale, F.gelu(self.linear_v(phantom))[:, 0]
 
     def forward(self, x: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, residual: bool) -> torch.Tensor:
-        """x (B, L, G, D); kh, vh (B, G, D) from ``phantom_keys`` -> (B, L, G, D)."""
+        """x (B, L, G, D); kh, vh (B, G, D) from ``phantom_keys`` -> (B, L, G, D). Packed rows pass
+        kh, vh (B, L, G, D): every token its own sample's phantom keys."""
         B, L, G, D = x.shape
+        if kh.dim() == 4:
+            qh = F.gelu(self.linear_q(x))  # (B, L, G, D)
+            scores = torch.matmul(qh, kh.transpose(-1, -2))  # (B, L, G, G)
+            acc = acc_dtype(scores.dtype)
+            attn = scores.softmax(dim=-1) if acc == scores.dtype else scores.to(acc).softmax(dim=-1).to(vh.dtype)
+            z = F.gelu(self.linear_o(torch.matmul(attn, vh)))
+            return torch.add(x, z, alpha=self.eta) if residual else z * self.eta
         qh = F.gelu(self.linear_q(x)).reshape(B, L * G, D)  # every (token, head) vector is one query
         # one GEMM per row instead of L tiny (G x G) ones: the keys are shared by all L tokens
         scores = torch.bmm(qh, kh.transpose(1, 2))  # (B, L*G, G) over the phantom token's heads
@@ -282,14 +355,25 @@ def phantom_attention(
     if use_phantom:
         xq, xk, xv = module.xattn_query_phantom, module.xattn_key_phantom, module.xattn_value_phantom
         states = cache.phantom[layer_idx] if cache is not None else None
-        if states is None:
+        if ctx.packed is not None:
+            # packed rows: the phantom keys of every sample from its own first token, then one
+            # copy per token of the sample (computed once per sample, not once per token)
+            pk = ctx.packed
+            rows, pos = pk.starts
+            derived = (*xq.phantom_keys(q[rows, pos][:, None]), *xk.phantom_keys(k[rows, pos][:, None]),
+                       *xv.phantom_keys(v[rows, pos][:, None]))  # each (S, G, D)
+            derived = tuple(t[pk.segment_of] for t in derived)  # (B, L, G, D)
+            states = None
+        elif states is None:
             rows = torch.arange(q.shape[0], device=q.device)
             idx = ctx.phantom_local_index
             states = PhantomStates(q[rows, idx][:, None], k[rows, idx][:, None], v[rows, idx][:, None])
             if cache is not None:
                 states = PhantomStates(*(t.detach() for t in (states.q, states.k, states.v)))
                 cache.phantom[layer_idx] = states
-        if states.derived is None:
+        if ctx.packed is not None:
+            pass  # derived above
+        elif states.derived is None:
             derived = (*xq.phantom_keys(states.q), *xk.phantom_keys(states.k), *xv.phantom_keys(states.v))
             if cache is not None:
                 states.derived = derived

@@ -30,12 +30,21 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("model", help="inspect model presets and checkpoints")
+    from phantom_ray.logs import add_verbose_flag
+
+    p = sub.add_parser("model", help="inspect model presets and checkpoints",
+                       epilog="example:\n  phantom-ray model info tiny-qwen2",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     msub = p.add_subparsers(dest="model_command", metavar="SUBCOMMAND")
     msub.required = True
-    info = msub.add_parser("info", help="parameter counts per part (meta device, no weights allocated)")
+    info = msub.add_parser("info", help="parameter counts per part (meta device, no weights allocated)",
+                           epilog="example:\n  phantom-ray model info phantom-0.5b --json",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_verbose_flag(info)
     info.add_argument("model", help="preset name (see list) or checkpoint dir / s3:// URI")
     info.add_argument("--json", action="store_true", help="print one JSON line")
     info.set_defaults(func=_info)
-    lst = msub.add_parser("list", help="list presets")
+    lst = msub.add_parser("list", help="list presets", epilog="example:\n  phantom-ray model list",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_verbose_flag(lst)
     lst.set_defaults(func=lambda a: print("\n".join(__import__("phantom_ray.model", fromlist=["x"]).list_presets())) or 0)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from phantom_ray.model.attention import build_context, resolve_attn_implementation
+from phantom_ray.model.attention import build_context, build_packed_context, resolve_attn_implementation
 from phantom_ray.model.cache import PhantomCache
 from phantom_ray.model.config import PhantomConfig
 from phantom_ray.model.llm import PhantomLanguageModel
@@ -33,9 +33,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PhantomOutput:
-    logits: torch.Tensor  # (B, L or logits_to_keep, V) fp32
+    logits: torch.Tensor | None  # (B, L or logits_to_keep, V) fp32; None with return_hidden
     loss: torch.Tensor | None = None
     cache: PhantomCache | None = None
+    hidden_states: torch.Tensor | None = None  # (B, L, C) after the final norm, with return_hidden
 
 
 @dataclass
@@ -176,12 +177,24 @@ class PhantomForCausalLM(nn.Module):
         image_repeat: int = 1,
         image_features: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        segment_ids: torch.Tensor | None = None,
+        return_hidden: bool = False,
         **_unused,
     ) -> PhantomOutput:
         """input_ids (B, L); attention_mask (B, L) or (B, past + L) (1 = real token); labels (B, L)
         with -100 where not supervised; phantom_index (B,) absolute index of each row's phantom
-        token (default: first real token)."""
+        token (default: first real token).
+
+        Packed training rows (several samples per row): ``segment_ids`` (B, L), each token's sample
+        number in its row (contiguous runs, -1 on padding); attention stays inside each sample,
+        each sample's phantom token is its own first token and positions restart per sample
+        (``position_ids`` default). ``attention_mask`` and ``phantom_index`` are then ignored.
+        ``return_hidden``: skip the LM head and return the final hidden states (the training loss
+        applies the head chunk by chunk, ``phantom_ray.train.loss``)."""
         B, L = input_ids.shape
+        if segment_ids is not None:
+            return self._forward_packed(input_ids, segment_ids, pixel_values, labels, position_ids, image_repeat,
+                                        image_features, return_hidden)
         past = cache.length if cache is not None else 0
         if attention_mask is None:
             mask = torch.ones(B, L, dtype=torch.long, device=input_ids.device)
@@ -212,12 +225,35 @@ class PhantomForCausalLM(nn.Module):
             cache.commit(mask, position_ids)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
+        return self._head(h, labels, cache, return_hidden)
+
+    def _head(self, h, labels, cache, return_hidden) -> PhantomOutput:
+        if return_hidden:
+            return PhantomOutput(logits=None, cache=cache, hidden_states=h)
         logits = self.language_model.head(h).float()
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=self.config.ignore_index)
         return PhantomOutput(logits=logits, loss=loss, cache=cache)
+
+    def _forward_packed(self, input_ids, segment_ids, pixel_values, labels, position_ids, image_repeat,
+                        image_features, return_hidden) -> PhantomOutput:
+        h = self.embed_inputs(input_ids, pixel_values, image_repeat, image_features)
+        llm_cfg = self.config.llm_config
+        ctx = build_packed_context(segment_ids, self.attn_implementation, llm_cfg.sliding_window,
+                                   use_phantom=self.use_phantom)
+        if position_ids is None:  # restart at 0 on each sample's first token
+            idx = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+            position_ids = (idx - ctx.packed.phantom_pos).clamp(min=0)
+        cos, sin = rope_cos_sin(llm_cfg, position_ids, h.dtype)
+        for layer in self.language_model.model.layers:
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, ctx)
+        h = self.language_model.model.norm(h)
+        return self._head(h, labels, None, return_hidden)
 
     # ---- generation --------------------------------------------------------------------------------
     def new_cache(self, capacity: int = 256) -> PhantomCache:
@@ -232,8 +268,8 @@ class PhantomForCausalLM(nn.Module):
         *,
         max_new_tokens: int = 256,
         do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
+        temperature: float | Sequence[float] = 1.0,
+        top_p: float | Sequence[float] = 1.0,
         top_k: int = 0,
         stop_token_ids: list[int] | None = None,
         pad_token_id: int | None = None,
@@ -304,9 +340,26 @@ def left_align(input_ids: torch.Tensor, mask: torch.Tensor, pad: int) -> tuple[t
     return ids, new_mask
 
 
-def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int,
-                generator=None) -> torch.Tensor:
-    """Pick the next token per row: argmax, or temperature/top-k/top-p sampling."""
+def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float | Sequence[float],
+                top_p: float | Sequence[float], top_k: int, generator=None) -> torch.Tensor:
+    """Pick the next token per row: argmax, or temperature/top-k/top-p sampling.
+
+    ``temperature`` and ``top_p`` may be one value per row (requests with different settings in one
+    batch): a row with temperature <= 0 is greedy, the others are sampled one by one with their own
+    settings and generator, so a row's token does not depend on its batch mates."""
+    if isinstance(temperature, (list, tuple)) or isinstance(top_p, (list, tuple)):
+        B = logits.shape[0]
+        temps = list(temperature) if isinstance(temperature, (list, tuple)) else [temperature] * B
+        ps = list(top_p) if isinstance(top_p, (list, tuple)) else [top_p] * B
+        gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * B
+        if not len(temps) == len(ps) == len(gens) == B:
+            raise ValueError(f"per-row settings for {len(temps)}/{len(ps)}/{len(gens)} rows, batch has {B}")
+        out = logits.argmax(dim=-1)
+        if do_sample:
+            for i in range(B):
+                if temps[i] > 0:
+                    out[i] = sample_next(logits[i:i + 1], True, float(temps[i]), float(ps[i]), top_k, gens[i])[0]
+        return out
     if not do_sample or temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature

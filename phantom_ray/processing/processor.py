@@ -482,6 +482,71 @@ class PhantomProcessor:
         batch["image_repeat"] = 2
         return batch
 
+    # ---- packing (training) -------------------------------------------------------------------------
+    def pack(self, samples: Sequence[Sample], max_tokens_per_row: int) -> dict:
+        """Several samples per row, up to ``max_tokens_per_row`` tokens (a longer sample gets a row of
+        its own), instead of one padded row each. Besides the :meth:`collate` keys: ``segment_ids``
+        (R, L) sample number within the row (-1 on padding), ``sample_index`` (R, L) the sample's
+        index in ``samples`` (-1 on padding), ``position_ids`` restarting at 0 per sample,
+        ``num_samples``. Pixel values follow the samples' order in the rows (row-major)."""
+        if not samples:
+            raise ValueError("cannot pack an empty list of samples")
+        plan = plan_rows([len(s) for s in samples], max_tokens_per_row)
+        batch = self._pack_rows([[(samples[i], i) for i in row] for row in plan])
+        batch["pixel_values"] = _cat_pixels([samples[i] for row in plan for i in row])
+        batch["num_samples"] = len(samples)
+        return batch
+
+    def pack_pairs(self, pairs: Sequence[PairSample], max_tokens_per_row: int) -> dict:
+        """PO batch, packed: rows 0..R-1 hold the chosen answers and rows R..2R-1 the rejected ones,
+        with the same pairs in the same places (so the image features repeat as in
+        :meth:`collate_pairs`, ``image_repeat=2``). Sample k is pair k's chosen answer, B+k its
+        rejected answer (``sample_index``). Rows are planned on max(chosen, rejected) length."""
+        if not pairs:
+            raise ValueError("cannot pack an empty list of pairs")
+        for k, p in enumerate(pairs):
+            if p.chosen.num_tiles != p.rejected.num_tiles:
+                raise ValueError(f"pair {k}: chosen and rejected have different images ({p.chosen.num_tiles} vs "
+                                 f"{p.rejected.num_tiles} tiles)")
+        B = len(pairs)
+        plan = plan_rows([max(len(p.chosen), len(p.rejected)) for p in pairs], max_tokens_per_row)
+        rows = [[(pairs[i].chosen, i) for i in row] for row in plan]
+        rows += [[(pairs[i].rejected, B + i) for i in row] for row in plan]
+        batch = self._pack_rows(rows)
+        batch["pixel_values"] = _cat_pixels([pairs[i].chosen for row in plan for i in row])
+        batch["num_samples"] = 2 * B
+        batch["image_repeat"] = 2
+        return batch
+
+    def _pack_rows(self, rows: list[list[tuple[Sample, int]]]) -> dict:
+        R = len(rows)
+        L = max(sum(len(s) for s, _ in row) for row in rows)
+        with_labels = all(s.labels is not None for row in rows for s, _ in row)
+        input_ids = torch.full((R, L), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((R, L), self.ignore_index, dtype=torch.long)
+        segment_ids = torch.full((R, L), -1, dtype=torch.long)
+        sample_index = torch.full((R, L), -1, dtype=torch.long)
+        position_ids = torch.zeros((R, L), dtype=torch.long)
+        num_tiles = torch.zeros(R, dtype=torch.long)
+        for r, row in enumerate(rows):
+            at = 0
+            for j, (s, k) in enumerate(row):
+                n = len(s)
+                input_ids[r, at:at + n] = s.input_ids
+                if with_labels:
+                    labels[r, at:at + n] = s.labels
+                    labels[r, at] = self.ignore_index  # never predict a sample from its predecessor
+                segment_ids[r, at:at + n] = j
+                sample_index[r, at:at + n] = k
+                position_ids[r, at:at + n] = torch.arange(n)
+                num_tiles[r] += sum(s.num_tiles)
+                at += n
+        batch = {"input_ids": input_ids, "attention_mask": (segment_ids >= 0).long(), "segment_ids": segment_ids,
+                 "sample_index": sample_index, "position_ids": position_ids, "num_tiles": num_tiles}
+        if with_labels:
+            batch["labels"] = labels
+        return batch
+
     # ---- decoding --------------------------------------------------------------------------------
     def decode(self, ids) -> str:
         if isinstance(ids, torch.Tensor):
@@ -499,3 +564,28 @@ class PhantomProcessor:
                 break
             out.append(i)
         return self.decode(out).strip()
+
+
+def _cat_pixels(samples: Sequence[Sample]) -> torch.Tensor | None:
+    pixel = [s.pixel_values for s in samples if s.pixel_values is not None]
+    return (pixel[0] if len(pixel) == 1 else torch.cat(pixel, 0)) if pixel else None
+
+
+def plan_rows(lengths: Sequence[int], max_tokens_per_row: int) -> list[list[int]]:
+    """First-fit decreasing bin packing of sample lengths into rows of at most ``max_tokens_per_row``
+    tokens (a longer sample alone in its row). Deterministic; returns sample indices per row."""
+    if max_tokens_per_row < 1:
+        raise ValueError(f"max_tokens_per_row must be >= 1, got {max_tokens_per_row}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        n = lengths[i]
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(max_tokens_per_row - n)
+    return rows

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from phantom_ray.model.config import TINY_SPECIAL_TOKENS, PhantomConfig
+from phantom_ray.model.loading import cache_root  # the one cache root for every download
 
 TINY_VOCAB_SIZE = 384
 END_TOKENS = {"chatml": "<|im_end|>", "phi3": "<|end|>"}
@@ -264,19 +265,13 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
                     "special_tokens_map.json", "vocab.json", "merges.txt", "config.json")
 
 
-def _cache_root() -> Path:
-    from phantom_ray.model.loading import cache_root  # the one cache root for every download
-
-    return cache_root()
-
-
 def _download_hub(repo_id: str) -> Path:
     """Only the tokenizer files of a hub repository (where the network allows)."""
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(repo_id, allow_patterns=list(_TOKENIZER_FILES),
-                                      cache_dir=str(_cache_root() / "hub")))
+                                      cache_dir=str(cache_root() / "hub")))
     except Exception as exc:  # noqa: BLE001 - network errors come in many types; say what was tried
         raise FileNotFoundError(f"tokenizer {repo_id!r}: not a preset or directory, and the hub "
                                 f"download failed (no network?): {exc}") from exc
@@ -288,7 +283,7 @@ def _download_s3_dir(uri: str) -> Path:
     from phantom_ray.storage import s3_client, split_s3
 
     bucket, prefix = split_s3(uri)
-    dest = _cache_root() / "tokenizers" / bucket / (prefix or "_root")
+    dest = cache_root() / "tokenizers" / bucket / (prefix or "_root")
     s3 = s3_client()
     found = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=(prefix + "/") if prefix else ""):
@@ -342,9 +337,26 @@ def load_tokenizer(path_or_preset: str, config: PhantomConfig | None = None):
     return tok
 
 
+@functools.cache
+def _register_phantom_config() -> None:
+    """Tell transformers' AutoConfig that ``model_type: phantom`` (our config.json) exists.
+
+    AutoTokenizer reads the checkpoint's config.json to pick a tokenizer class; an unknown model type
+    made it fall back to the base config class (model type ``""``) and warn "You are using a model of
+    type `phantom` to instantiate a model of type ``" on every load. A config class that carries our
+    model type is the cause's fix; the tokenizer class still comes from tokenizer_config.json."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    class PhantomHFConfig(PretrainedConfig):
+        model_type = "phantom"
+
+    AutoConfig.register("phantom", PhantomHFConfig, exist_ok=True)
+
+
 def _load_fast(d: Path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    _register_phantom_config()
     try:
         tok = AutoTokenizer.from_pretrained(str(d), trust_remote_code=False, padding_side="left")
     except (ValueError, OSError, KeyError, ImportError):

@@ -19,8 +19,12 @@ from phantom_ray import storage
 
 
 def register(subparsers) -> None:
+    from phantom_ray.logs import add_verbose_flag
+
     p = subparsers.add_parser("serve", help="serve Phantom models over an OpenAI-compatible HTTP API",
-                              description=__doc__.splitlines()[0])
+                              description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                              epilog="example:\n  phantom-ray serve --config serve/local-cpu.yaml --port 8000")
+    add_verbose_flag(p)
     p.add_argument("--config", required=True, help="Serve config YAML (e.g. serve/local-cpu.yaml)")
     p.add_argument("--host", default=None, help="HTTP host (default: the file's http_options.host or 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (default: the file's http_options.port or 8000)")
@@ -64,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from phantom_ray.logs import setup_logging
+
+    logs = setup_logging(None, verbose=args.verbose, name="serve")
     try:
         schema = load_serve_config(args.config)
     except (OSError, ValueError) as exc:
@@ -79,12 +86,15 @@ def run(args: argparse.Namespace) -> int:
     init_kwargs = {"address": args.address} if args.address else {"num_cpus": args.num_cpus}
     from phantom_ray.runtime import init_ray
 
-    init_ray(**init_kwargs, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=True)
+    init_ray(**init_kwargs, runtime_env={"env_vars": env_vars} if env_vars else None, log_to_driver=logs.verbose)
+    logs.attach_ray()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port,
-                                  "request_timeout_s": schema.http_options.request_timeout_s})
+                                  "request_timeout_s": schema.http_options.request_timeout_s},
+                    logging_config=logs.serve_logging_config())
+        logs.quiet()  # serve.start gave the "ray.serve" logger a console handler
         for app in schema.applications:
             serve.run(_build(app), name=app.name, route_prefix=app.route_prefix, blocking=False)
         names = ", ".join(a.name for a in schema.applications)
@@ -97,4 +107,5 @@ def run(args: argparse.Namespace) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+        logs.close()
     return 0

@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 
 from phantom_ray.config import Config
 
-from phantom_ray.ingest import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from phantom_ray.ingest import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, parse_allow_entry
 
 # Model names become part of Serve deployment names and appear in URLs' JSON bodies: keep them plain.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -148,6 +148,10 @@ class ServeArgs(Config):
                 raise ValueError(f"allowed_image_url_prefixes entry {p!r} must start with s3://, http:// or https://")
             if p in ("s3://", "http://", "https://"):
                 raise ValueError(f"allowed_image_url_prefixes entry {p!r} would allow every host; name one")
+            try:  # the same normalisation the fetch applies (host case, IDNA, ports, dot segments)
+                parse_allow_entry(p)
+            except ValueError as exc:  # FetchError is a ValueError
+                raise ValueError(f"allowed_image_url_prefixes entry {p!r} is not a valid prefix: {exc}") from None
         return v
 
     @model_validator(mode="after")

@@ -1,25 +1,26 @@
-"""Typed training configuration: one dataclass per concern, loaded from YAML, dotted overrides.
+"""Typed training configuration: pydantic sections (:class:`phantom_ray.config.Config`), YAML, dotted overrides.
 
 A training YAML has the sections ``model``, ``data`` (:class:`phantom_ray.data.pipeline.DataConfig`),
-``loss``, ``recipe``, ``optim``, ``deepspeed``, ``scaling`` and ``run``; every field has a default
-except ``data.shards``. Unknown keys are errors that name the field and the file::
+``synth``, ``loss``, ``recipe``, ``optim``, ``deepspeed``, ``scaling`` and ``run``; every field has a
+default except ``data.shards``. Unknown keys are errors that name the field and the file::
 
     cfg = TrainConfig.from_yaml("configs/train/tiny-cpu.yaml", overrides=["optim.lr=3e-3", "run.max_steps=20"])
+    cfg = cfg.resolved()                        # relative paths -> absolute, against the launch directory
     cfg.save("runs/x/train_config.yaml")       # written next to every checkpoint and export
 
-Override values are parsed as YAML scalars (``3e-3`` -> float, ``true`` -> bool, ``[a, b]`` -> list,
-``null`` -> None).
+The model is named once, in ``model`` (``init_from``, else ``preset``); the data side (its processor
+and tokenizer) is derived from it, so ``data.model`` is not a field of a training config.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
-from typing import Any
+import os
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from phantom_ray import storage
+from phantom_ray.config import Config, ConfigError, resolve_path
 from phantom_ray.data.pipeline import DataConfig
 
 # Peak dense bf16 throughput (FLOP/s) per device, for MFU. Override with run.peak_flops.
@@ -32,104 +33,79 @@ KNOWN_PEAK_FLOPS = {
 }
 
 
-@dataclass
-class ModelSection:
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+class ModelSection(Config):
     preset: str = "tiny-qwen2"               # PhantomConfig preset (random init unless init_from is set)
     init_from: str | None = None             # HF-layout checkpoint dir / s3:// URI (step 2: step 1's export)
-    attn_implementation: str = "sdpa"        # eager | sdpa | flash (flash falls back to sdpa)
+    attn_implementation: Literal["eager", "sdpa", "flash"] = "sdpa"  # flash falls back to sdpa without it
     phantom_eta: float | None = None         # None: the preset's value
     gradient_checkpointing: bool = False     # activation checkpointing per decoder layer
 
-    def __post_init__(self):
-        if self.attn_implementation not in ("eager", "sdpa", "flash"):
-            raise ValueError(f"model.attn_implementation={self.attn_implementation!r}: expected eager, sdpa or flash")
+    def model_id(self) -> str:
+        """The one name of the model: its checkpoint when given, else the preset."""
+        return self.init_from or self.preset
 
 
-@dataclass
-class LossSection:
-    kind: str = "po"          # po (SFT + SimPO-style preference) | sft | dpo (reference log-probs precomputed)
-    beta: float = 2.0         # reward scale (docs/phantom.md#phantom-optimization: UNCONFIRMED; SimPO's range)
-    gamma: float = 1.0        # target reward margin
-    pref_weight: float = 1.0  # weight of the preference term
-    sft_weight: float = 1.0   # weight of the SFT term on the chosen answer
-    reference: str | None = None  # dpo: reference model (checkpoint / preset); default model.init_from
-
-    def __post_init__(self):
-        if self.kind not in ("po", "sft", "dpo"):
-            raise ValueError(f"loss.kind={self.kind!r}: expected po, sft or dpo")
-        if self.beta <= 0:
-            raise ValueError(f"loss.beta must be > 0, got {self.beta}")
-        if self.pref_weight < 0 or self.sft_weight < 0:
-            raise ValueError("loss.pref_weight and loss.sft_weight must be >= 0")
+class LossSection(Config):
+    kind: Literal["po", "sft", "dpo"] = "po"  # po (SFT + SimPO-style preference) | sft | dpo (reference precomputed)
+    beta: float = Field(2.0, gt=0)            # reward scale (SimPO's range; the paper gives none)
+    gamma: float = 1.0                        # target reward margin
+    pref_weight: float = Field(1.0, ge=0)     # weight of the preference term
+    sft_weight: float = Field(1.0, ge=0)      # weight of the SFT term on the chosen answer
+    reference: str | None = None              # dpo: reference model (checkpoint / preset); default model.init_from
+    chunk_tokens: int = Field(256, ge=1)      # answer tokens per chunk of the fused head + log-softmax
 
 
-@dataclass
-class LoraSection:
-    enabled: bool = False     # step 2 only; needs `peft`
-    r: int = 16
+class LoraSection(Config):
+    enabled: bool = False     # step 2 only; needs `peft` (the lora extra)
+    r: int = Field(16, ge=1)
     alpha: int = 32
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    vision: bool = False      # also adapt the vision tower's attention (qkv, proj) and MLP (fc1, fc2)
+    merge_on_export: bool = True  # export merged full weights; false: base weights + adapter/ (peft layout)
 
 
-@dataclass
-class RecipeSection:
-    step: int = 1                    # 1: vision_proj + phantom modules only; 2: everything
+class RecipeSection(Config):
+    step: Literal[1, 2] = 1          # 1: vision_proj + phantom modules only; 2: everything
     freeze_vision: bool = False      # step 2: keep the vision encoder frozen
-    lora: LoraSection = field(default_factory=LoraSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
 
-    def __post_init__(self):
-        if self.step not in (1, 2):
-            raise ValueError(f"recipe.step={self.step!r}: expected 1 or 2")
-        if self.lora.enabled and self.step != 2:
-            raise ValueError("recipe.lora.enabled needs recipe.step=2 (step 1 trains no LLM weights)")
+    @model_validator(mode="after")
+    def _lora_step(self):
+        _check(not (self.lora.enabled and self.step != 2),
+               "recipe.lora.enabled needs recipe.step=2 (step 1 trains no LLM weights)")
+        return self
 
 
-@dataclass
-class OptimSection:
-    lr: float = 1e-4
+class OptimSection(Config):
+    lr: float = Field(1e-4, gt=0)
     weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = Field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio at the last step
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio at the last step
     grad_clip: float = 1.0           # 0 disables clipping
-    grad_accum: int = 1              # micro-batches per optimizer step
-
-    def __post_init__(self):
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-        if self.grad_accum < 1:
-            raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
-        if self.warmup_steps < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("optim.warmup_steps must be >= 0 and optim.min_lr_ratio in [0, 1]")
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
 
 
-@dataclass
-class DeepSpeedSection:
-    zero_stage: int = 2
-    precision: str = "auto"          # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32
+class DeepSpeedSection(Config):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     offload_optimizer: bool = False  # ZeRO-Offload (uses DeepSpeedCPUAdam)
-    extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
-
-    def __post_init__(self):
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"deepspeed.zero_stage={self.zero_stage!r}: expected 0, 1, 2 or 3")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"deepspeed.precision={self.precision!r}: expected auto, bf16 or fp32")
+    extra: dict[str, Any] = Field(default_factory=dict)  # merged into the generated DeepSpeed config
 
 
-@dataclass
-class ScalingSection:
-    num_workers: int = 2
+class ScalingSection(Config):
+    num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = 0.5     # fractional on small machines, or Ray Data starves (STACK_NOTES)
     gpus_per_worker: float = 1.0
     resources_per_worker: dict[str, float] | None = None  # overrides the two above when given
-
-    def __post_init__(self):
-        if self.num_workers < 1:
-            raise ValueError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
 
     def resources(self) -> dict[str, float]:
         if self.resources_per_worker is not None:
@@ -140,215 +116,118 @@ class ScalingSection:
         return res
 
 
-@dataclass
-class RunSection:
+class RunSection(Config):
     name: str = "phantom-train"
     storage_path: str = "runs"       # local dir or s3://bucket/prefix (Ray Train RunConfig.storage_path)
-    epochs: int = 1
-    max_steps: int | None = None     # optimizer steps in all; None: epochs x steps per epoch
-    checkpoint_every: int = 50       # optimizer steps; a checkpoint is also written at the end
-    report_every: int = 10           # optimizer steps between ray.train.report of metrics
-    max_failures: int = 2            # group restarts from the latest checkpoint after a lost worker
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps in all; None: epochs x steps per epoch
+    checkpoint_every: int = Field(50, ge=1)    # optimizer steps; a checkpoint is also written at the end
+    report_every: int = Field(10, ge=1)        # optimizer steps between metric reports (curves, stdout)
+    val_every: int | None = Field(None, ge=1)  # optimizer steps between validations on data.val_shards
+    tracking: Literal["tensorboard", "mlflow", "none"] = "tensorboard"  # curves written by rank 0
+    mlflow_tracking_uri: str | None = None     # tracking=mlflow: default <run dir>/mlruns
+    max_failures: int = Field(2, ge=0)         # group restarts from the latest checkpoint after a lost worker
     num_to_keep: int | None = 2      # checkpoints kept by Ray Train
     export: str | None = None        # consolidated HF-layout model; default <storage>/<name>/export
     seed: int = 0
     peak_flops: float | None = None  # per device for MFU; default: known GPU peak, none on CPU
 
-    def __post_init__(self):
-        for name in ("epochs", "checkpoint_every", "report_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"run.{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"run.max_steps must be >= 1, got {self.max_steps}")
-        if self.max_failures < 0:
-            raise ValueError(f"run.max_failures must be >= 0, got {self.max_failures}")
+    def run_dir(self) -> str:
+        """Where the run's checkpoints, curves (tensorboard/, metrics.jsonl) and export live."""
+        return storage.join(self.storage_path, self.name)
 
     def export_uri(self) -> str:
-        return self.export or storage.join(self.storage_path, self.name, "export")
+        return self.export or storage.join(self.run_dir(), "export")
 
 
-@dataclass
-class SynthSection:
+class SynthSection(Config):
     """Smoke runs only: write and pack the synthetic shapes corpus to ``data.shards`` when it has no
-    manifest yet (``phantom-ray data synth`` + ``data pack``)."""
+    manifest yet (``phantom-ray data synth`` + ``data pack``); 1 in ``heldout_every`` goes to a
+    held-out set (the synth default), which validation scores when ``data.val_shards`` is unset."""
 
     enabled: bool = False
     num_samples: int = 512
-    layout: str = "triples"      # triples for PO; llava for SFT
+    layout: Literal["triples", "llava"] = "triples"  # triples for PO; llava for SFT
     image_size: int = 32
     seed: int = 0
 
 
-@dataclass
-class TrainConfig:
-    data: DataConfig
-    synth: SynthSection = field(default_factory=SynthSection)
-    model: ModelSection = field(default_factory=ModelSection)
-    loss: LossSection = field(default_factory=LossSection)
-    recipe: RecipeSection = field(default_factory=RecipeSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    run: RunSection = field(default_factory=RunSection)
+def _local_like(value: str) -> bool:
+    """A model reference that is a local path (resolve it) rather than a preset or hub id."""
+    return value.startswith((".", "/", "~")) or os.path.exists(value)
 
-    def __post_init__(self):
+
+class TrainConfig(Config):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              arbitrary_types_allowed=True)
+
+    data: DataConfig
+    synth: SynthSection = Field(default_factory=SynthSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    recipe: RecipeSection = Field(default_factory=RecipeSection)
+    optim: OptimSection = Field(default_factory=OptimSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    scaling: ScalingSection = Field(default_factory=ScalingSection)
+    run: RunSection = Field(default_factory=RunSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _data_from_model(cls, values):
+        # data.model (the processor/tokenizer) is derived from the model section: named once
+        if isinstance(values, dict) and isinstance(values.get("data"), dict):
+            data = dict(values["data"])
+            if "model" in data:
+                raise ValueError("data.model is not a training field: the processor follows model.init_from "
+                                 "(or model.preset); remove data.model")
+            m = values.get("model") or {}
+            m = m if isinstance(m, dict) else m.model_dump() if hasattr(m, "model_dump") else {}
+            data["model"] = m.get("init_from") or m.get("preset") or ModelSection().preset
+            values = {**values, "data": data}
+        return values
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _data(cls, v):
+        if isinstance(v, DataConfig):
+            return v
+        if not isinstance(v, dict):
+            raise ValueError(f"expected a mapping, got {type(v).__name__}")
+        return DataConfig.from_dict(v)
+
+    @field_serializer("data")
+    def _data_out(self, v: DataConfig):
+        d = v.to_dict()
+        d.pop("model", None)  # derived
+        return d
+
+    @model_validator(mode="after")
+    def _cross(self):
         if self.loss.kind in ("po", "dpo") and self.data.task != "po":
             raise ValueError(f"loss.kind={self.loss.kind!r} needs data.task='po' (chosen/rejected pairs), "
                              f"got data.task={self.data.task!r}")
-        if self.data.model != self.model.preset and self.model.init_from is None:
-            raise ValueError(f"data.model={self.data.model!r} differs from model.preset={self.model.preset!r}: "
-                             "the processor must match the model")
-
-    # ---- loading / saving ------------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, d: dict, overrides: list[str] | None = None, where: str = "config") -> "TrainConfig":
-        d = _copy(d or {})
-        for item in overrides or []:
-            apply_override(d, item)
-        try:
-            return _build(cls, d, "")
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: {exc}") from None
+        return self
 
     @classmethod
-    def from_yaml(cls, path: str, overrides: list[str] | None = None) -> "TrainConfig":
-        import yaml
+    def load(cls, path: str, overrides=()) -> "TrainConfig":
+        return cls.from_yaml(path, overrides)
 
-        d = yaml.safe_load(storage.read_text(str(path))) or {}
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: a training config is a mapping of sections")
-        return cls.from_dict(d, overrides, where=str(path))
+    def resolved(self, base: str | None = None) -> "TrainConfig":
+        """A copy with every relative local path absolute against ``base`` (default: the current
+        directory, where the user launched). Call on the driver BEFORE handing the config to Ray:
+        Ray runs its workers in its session folder, where a relative path means something else."""
+        d = self.to_dict()
+        data, run, model, loss = d["data"], d["run"], d["model"], d["loss"]
+        data["shards"] = [resolve_path(x, base) for x in data["shards"]]
+        if data.get("val_shards"):
+            data["val_shards"] = [resolve_path(x, base) for x in data["val_shards"]]
+        data["errors_output"] = resolve_path(data.get("errors_output"), base)
+        run["storage_path"] = resolve_path(run["storage_path"], base)
+        run["export"] = resolve_path(run.get("export"), base)
+        if run.get("mlflow_tracking_uri") and "://" not in run["mlflow_tracking_uri"]:
+            run["mlflow_tracking_uri"] = resolve_path(run["mlflow_tracking_uri"], base)
+        for sec, key in ((model, "init_from"), (loss, "reference")):
+            if sec.get(key) and _local_like(sec[key]):
+                sec[key] = resolve_path(sec[key], base)
+        return type(self).from_dict(d)
 
-    load = from_yaml
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        import yaml
-
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def save(self, uri: str) -> None:
-        storage.write_text_atomic(uri, self.to_yaml())
-
-
-# ---- generic helpers --------------------------------------------------------------------------------
-
-def _copy(d):
-    if isinstance(d, dict):
-        return {k: _copy(v) for k, v in d.items()}
-    if isinstance(d, list):
-        return [_copy(v) for v in d]
-    return d
-
-
-def apply_override(d: dict, item: str) -> None:
-    """``"optim.lr=3e-3"`` -> ``d["optim"]["lr"] = 3e-3`` (value parsed as YAML)."""
-    import yaml
-
-    if "=" not in item:
-        raise ValueError(f"override {item!r}: expected key.sub=value")
-    key, raw = item.split("=", 1)
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ValueError(f"override {item!r}: empty key part")
-    node = d
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"override {item!r}: {p} is not a section")
-    value = yaml.safe_load(raw) if raw.strip() else None
-    if isinstance(value, str):  # YAML 1.1 reads 3e-3 as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    node[parts[-1]] = value
-
-
-def _is_dataclass_type(tp) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _build(cls, d: dict, prefix: str):
-    if not isinstance(d, dict):
-        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(d).__name__}")
-    if cls is DataConfig:
-        try:
-            return DataConfig.from_dict(d)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(str(exc) if str(exc).startswith("data.") else f"data: {exc}") from None
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - set(known))
-    if unknown:
-        raise ValueError(f"unknown field(s) {[prefix + u for u in unknown]}; valid: {sorted(prefix + k for k in known)}")
-    kwargs = {}
-    for name, value in d.items():
-        tp = hints[name]
-        if _is_dataclass_type(tp):
-            kwargs[name] = _build(tp, value if value is not None else {}, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _check(tp, value, prefix + name)
-    missing = [n for n, f in known.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ValueError(f"missing section(s)/field(s) {[prefix + m for m in missing]}")
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:
-        msg = str(exc)
-        raise ValueError(msg if "." in msg.split(" ")[0] else f"{prefix}{msg}") from None
-
-
-def _check(tp, value, name: str):
-    """Light type check (ints accepted for floats); the error names the field."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _check(a, value, name)
-            except ValueError as exc:
-                errors.append(str(exc))
-        raise ValueError(errors[0] if errors else f"{name}: bad value {value!r}")
-    if tp is Any:
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise ValueError(f"{name}: expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{name}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{name}: expected true/false, got {value!r}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{name}: expected a string, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp) or (Any,)
-        return [_check(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{name}: expected a mapping, got {value!r}")
-        _, vt = typing.get_args(tp) or (Any, Any)
-        return {k: _check(vt, v, f"{name}.{k}") for k, v in value.items()}
-    return value

@@ -73,13 +73,24 @@ def prepare_synthetic(cfg: TrainConfig) -> None:
     from phantom_ray.data.synth import LAYOUT_FILES, synthesize
 
     root = cfg.data.shards[0]
-    if not cfg.synth.enabled or storage.exists(storage.join(root, "manifest.json")):
+    if not cfg.synth.enabled:
         return
     src = storage.join(root, "_synth")
-    synthesize(src, num_samples=cfg.synth.num_samples, layout=cfg.synth.layout, seed=cfg.synth.seed,
-               image_size=cfg.synth.image_size)
-    pack(storage.join(src, LAYOUT_FILES[cfg.synth.layout]), cfg.synth.layout, root, shard_size_mb=1.0,
-         source="synth", executor="local")
+    if not storage.exists(storage.join(root, "manifest.json")):
+        synthesize(src, num_samples=cfg.synth.num_samples, layout=cfg.synth.layout, seed=cfg.synth.seed,
+                   image_size=cfg.synth.image_size)
+        pack(storage.join(src, LAYOUT_FILES[cfg.synth.layout]), cfg.synth.layout, root, shard_size_mb=1.0,
+             source="synth", executor="local")
+    val = (cfg.data.val_shards or [None])[0]
+    if val and not storage.exists(storage.join(val, "manifest.json")):  # the held-out split, for validation
+        pack(synth_heldout(cfg), cfg.synth.layout, val, shard_size_mb=1.0, source="synth", executor="local")
+
+
+def synth_heldout(cfg: TrainConfig) -> str:
+    """The synthetic corpus' held-out records (JSON), written by :func:`prepare_synthetic`."""
+    from phantom_ray.data.synth import LAYOUT_FILES
+
+    return storage.join(cfg.data.shards[0], "_synth", "heldout", LAYOUT_FILES[cfg.synth.layout])
 
 
 # ---- datasets --------------------------------------------------------------------------------------------
@@ -96,17 +107,16 @@ class ReferenceScorer:
     log-probs (``ref_chosen_logp``, ``ref_rejected_logp``) to processed PO rows, in a Ray Data pass
     before training, so that only the policy is in memory on the training workers."""
 
-    def __init__(self, reference: str, processor_model: str, cfg_data: dict, env: dict | None = None):
+    def __init__(self, reference: str, processor_model: str, cfg_data: dict):
         import torch
 
         from phantom_ray.data.pipeline import CollateProcessed, DataConfig, default_processor_factory
-        from phantom_ray.loader import load_model
+        from phantom_ray.loader import load_weights
 
-        os.environ.update(env or {})
         data = DataConfig.from_dict(cfg_data)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # dtype auto: bfloat16 on CUDA, float32 on CPU
-        self.model = load_model(reference, device=self.device, dtype="auto").model
+        self.model, _ = load_weights(reference, device=self.device, dtype="auto")
         self.collate = CollateProcessed(default_processor_factory(processor_model, data.max_length), "po",
                                         data.padding_side, data.pixel_dtype)
 
@@ -140,9 +150,9 @@ def with_reference_logps(ds, cfg: TrainConfig):
         raise ValueError("loss.kind='dpo' needs loss.reference (or model.init_from): the frozen reference model")
     return ds.map_batches(
         ReferenceScorer, batch_format="pyarrow", batch_size=cfg.data.preprocess_batch_size,
-        fn_constructor_kwargs={"reference": reference, "processor_model": cfg.model.init_from or cfg.data.model,
-                               "cfg_data": cfg.data.to_dict(), "env": storage.storage_env()},
-        compute=ActorPoolStrategy(size=1),
+        fn_constructor_kwargs={"reference": reference, "processor_model": cfg.model.model_id(),
+                               "cfg_data": cfg.data.to_dict()},
+        compute=ActorPoolStrategy(size=1), runtime_env=storage.storage_runtime_env() or None,
         num_cpus=cfg.data.preprocess_num_cpus, num_gpus=1 if cfg.scaling.use_gpu else 0)
 
 
@@ -159,6 +169,19 @@ def epoch_datasets(cfg: TrainConfig, start_epoch: int = 0, consumed: set[str] | 
             ds = with_reference_logps(ds, cfg)
         out[f"train_e{epoch}"] = ds
     return out
+
+
+def val_dataset(cfg: TrainConfig):
+    """The validation rows (``data.val_shards``, processed like training rows, not shuffled), or None."""
+    import dataclasses
+
+    from phantom_ray.data.pipeline import build_train_dataset
+
+    if not cfg.data.val_shards:
+        return None
+    vcfg = dataclasses.replace(cfg.data, shards=list(cfg.data.val_shards), val_shards=None, mixture=None,
+                               epoch_samples=None, shuffle=False, errors_output=None)
+    return build_train_dataset(vcfg, epoch=0)
 
 
 def plan_steps(cfg: TrainConfig) -> tuple[int, int]:
@@ -179,7 +202,7 @@ class CollateWithKeys:
     def __init__(self, processor, cfg):
         from phantom_ray.data.pipeline import CollateProcessed
 
-        self.inner = CollateProcessed(processor, cfg.task, cfg.padding_side, cfg.pixel_dtype)
+        self.inner = CollateProcessed(processor, cfg.task, cfg.padding_side, cfg.pixel_dtype, cfg.max_tokens_per_row)
 
     def __call__(self, batch):
         out = self.inner(batch)
@@ -194,15 +217,32 @@ class CollateWithKeys:
 
 # ---- the worker loop -----------------------------------------------------------------------------------
 
+def _heldout_accuracy(recipe, cfg: TrainConfig, processor) -> dict:
+    """Synthetic corpus only: closed-answer accuracy of the model being trained on held-out records."""
+    from phantom_ray.train.evaluate import choice_accuracy_of
+
+    model = recipe.model
+    was_training = model.training
+    model.eval()
+    try:
+        acc = choice_accuracy_of(model, processor, synth_heldout(cfg), limit=cfg.data.val_max_samples)
+    finally:
+        model.train(was_training)
+    return {"val/heldout_accuracy": acc["accuracy"], "val/heldout_chance": acc["chance"]}
+
+
 def train_loop_per_worker(config: dict) -> None:
+    """One Ray Train worker. Environment (S3 credentials and endpoint) comes from the job's Ray
+    ``runtime_env``, not from this function."""
     import ray.train
+    import torch
     import torch.distributed as dist
     from ray.train import Checkpoint
 
     from phantom_ray.data.pipeline import default_processor_factory
     from phantom_ray.train.recipe import PhantomRecipe
+    from phantom_ray.train.tracking import Tracker
 
-    os.environ.update(config.get("env") or {})
     cfg = TrainConfig.from_dict(config["train"])
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
@@ -218,10 +258,33 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory(prefix="phantom-resume-") as local:
             storage.download_dir(config["resume"], local)
             recipe.resume(local)
-    processor = default_processor_factory(cfg.data.model if not cfg.model.init_from else cfg.model.init_from,
-                                          cfg.data.max_length)
-    debug = config.get("debug") or {}
+    processor = default_processor_factory(cfg.model.model_id(), cfg.data.max_length)
+    step_callbacks = config.get("step_callbacks") or []
+    tracker = None
+    if rank == 0:  # metrics.jsonl always; event files / MLflow per run.tracking
+        tracker = Tracker(cfg.run.run_dir(), cfg.run.tracking, cfg.run.name, cfg.run.mlflow_tracking_uri,
+                          params={"lr": cfg.optim.lr, "loss": cfg.loss.kind, "step": cfg.recipe.step})
     last_ckpt_step = recipe.state.step
+    val_batches: list[dict] | None = None
+
+    def validate() -> dict:
+        nonlocal val_batches
+        if val_batches is None:  # the same held-out batches every time, as many on every rank
+            shard = ray.train.get_dataset_shard("val")
+            val_batches, seen = [], 0
+            for b in shard.iter_torch_batches(batch_size=cfg.data.batch_size,
+                                              collate_fn=CollateWithKeys(processor, cfg.data)):
+                val_batches.append(b)
+                seen += len(b["sample_key"])
+                if seen >= cfg.data.val_max_samples:
+                    break
+            n = torch.tensor([len(val_batches)])
+            dist.all_reduce(n, op=dist.ReduceOp.MIN)  # ZeRO-3 forwards are collective: same count per rank
+            val_batches = val_batches[: int(n)]
+        out = recipe.evaluate(val_batches)
+        if cfg.synth.enabled and cfg.synth.layout == "triples" and rank == 0 and cfg.deepspeed.zero_stage != 3:
+            out |= _heldout_accuracy(recipe, cfg, processor)
+        return out
 
     def report(metrics: dict, with_checkpoint: bool) -> None:
         nonlocal last_ckpt_step
@@ -236,6 +299,15 @@ def train_loop_per_worker(config: dict) -> None:
             shown = {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()
                      if not k.endswith("_per_worker")}
             print(f"[phantom-train] {json.dumps(shown, default=str)}", flush=True)
+            if tracker is not None and not metrics.get("done"):
+                train = {k: v for k, v in metrics.items()
+                         if not k.startswith("val/") and (k in ("loss", "sft_loss", "pref_loss", "reward_margin",
+                                                                "pref_accuracy", "lr", "grad_norm", "tokens_per_s",
+                                                                "samples_per_s", "row_fill", "mfu", "epoch"))}
+                tracker.log(metrics["step"], train, "train")
+                val = {k: v for k, v in metrics.items() if k.startswith("val/")}
+                if val:
+                    tracker.log(metrics["step"], val, "val")
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -244,19 +316,17 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         last_ckpt_step = recipe.state.step
 
+    has_val = bool(cfg.data.val_shards)
+
     def on_step(rec, metrics):
         step = rec.state.step
-        # test hook: write this worker's PID and pause, so a test can kill it between checkpoints
-        if debug.get("pid_dir") and step == debug.get("pause_at_step") and rank == debug.get("pause_rank", rank):
-            marker = os.path.join(debug["pid_dir"], f"rank{rank}.pid")
-            if not os.path.exists(marker):  # first attempt only: let the test kill this process
-                with open(marker + ".tmp", "w") as f:
-                    f.write(str(os.getpid()))
-                os.replace(marker + ".tmp", marker)
-                time.sleep(debug.get("pause_s", 60))
+        for cb in step_callbacks:  # test-only fault injection (tests pass them; production passes none)
+            cb(rank, step)
+        if has_val and cfg.run.val_every and (step % cfg.run.val_every == 0 or step >= total):
+            metrics = metrics | validate()
         if step % cfg.run.checkpoint_every == 0 or step >= total:
             report(metrics, with_checkpoint=True)
-        elif step % cfg.run.report_every == 0:
+        elif step % cfg.run.report_every == 0 or any(k.startswith("val/") for k in metrics):
             report(metrics, with_checkpoint=False)
 
     metrics: dict[str, Any] = {}
@@ -279,20 +349,29 @@ def train_loop_per_worker(config: dict) -> None:
         report(final, with_checkpoint=True)
     recipe.export(export)
     report(final, with_checkpoint=False)
+    if tracker is not None:
+        tracker.close()
 
 
 # ---- the driver -------------------------------------------------------------------------------------------
 
-def run_training(cfg: TrainConfig, *, debug: dict | None = None) -> dict:
-    """Train per ``cfg`` on the current Ray cluster; returns the final metrics (``export`` included)."""
+def run_training(cfg: TrainConfig, *, step_callbacks: list | None = None) -> dict:
+    """Train per ``cfg`` on the current Ray cluster (a local one is started when none is); returns
+    the final metrics (``export`` included).
+
+    Relative paths in ``cfg`` are resolved here, on the driver, against the current directory,
+    before anything reaches Ray. ``step_callbacks``: test-only, picklable ``cb(rank, step)`` called
+    by every worker after each optimizer step (fault injection); production runs pass none."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cfg = cfg.resolved()
     if not ray.is_initialized():
         from phantom_ray.runtime import init_ray
 
-        init_ray()
+        # the workers get S3 settings from the job's runtime_env (a cluster job sets its own)
+        init_ray(runtime_env=storage.storage_runtime_env() or None)
     prepare_synthetic(cfg)
     per_epoch, total = plan_steps(cfg)
     log.info("training %s: %d steps per epoch, %d steps in all", cfg.run.name, per_epoch, total)
@@ -307,8 +386,11 @@ def run_training(cfg: TrainConfig, *, debug: dict | None = None) -> dict:
         datasets = epoch_datasets(cfg, latest["epoch"] if latest else 0, latest["consumed"] if latest else None)
         if not datasets:  # a finished run: one empty epoch so that the loop still exports
             datasets = epoch_datasets(cfg, cfg.run.epochs - 1, None)
+        val = val_dataset(cfg) if cfg.run.val_every else None
+        if val is not None:
+            datasets["val"] = val
         loop_config = {"train": cfg.to_dict(), "total_steps": total, "resume": latest["uri"] if latest else None,
-                       "env": storage.storage_env(), "debug": debug}
+                       "step_callbacks": list(step_callbacks or [])}
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config,

@@ -100,27 +100,13 @@ def apply_trainable(model, cfg: TrainConfig) -> list[str]:
         else:
             p.requires_grad_(not (cfg.recipe.freeze_vision and name.startswith("vision_model.")))
     if step == 2 and cfg.recipe.lora.enabled:
-        model.language_model = _wrap_lora(model.language_model, cfg)
+        from phantom_ray.train.lora import wrap_lora
+
+        wrap_lora(model, cfg.recipe.lora)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     if not names:
         raise ValueError(f"recipe.step={step}: no trainable parameters")
     return names
-
-
-def _wrap_lora(llm, cfg: TrainConfig):
-    try:
-        import peft
-    except ImportError:
-        raise ImportError("recipe.lora.enabled needs `peft` (pip install peft)") from None
-    lc = cfg.recipe.lora
-    # phantom modules stay fully trainable next to the adapters
-    phantom = sorted({n.rsplit(".", 1)[0] for n, _ in llm.named_parameters() if "_phantom" in n})
-    config = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
-                             modules_to_save=None)
-    wrapped = peft.inject_adapter_in_model(config, llm)
-    for n, p in wrapped.named_parameters():
-        p.requires_grad_("lora_" in n or any(n.startswith(m) for m in phantom))
-    return wrapped
 
 
 def cosine_lambda(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
@@ -255,20 +241,58 @@ class PhantomRecipe:
         return out
 
     def forward_loss(self, batch: dict):
+        """Loss of one (padded or packed) batch. The LM head is applied by the loss, chunk by chunk
+        (``loss.chunk_tokens``), so no (tokens x vocab) logits exist; under ZeRO-3 the head weight
+        is partitioned outside its module's forward, so the model returns logits there and the
+        chunked log-softmax works on those."""
         cfg = self.cfg
         b = self._to_device(batch)
+        packed = "segment_ids" in b
+        lean = cfg.deepspeed.zero_stage != 3
+        extra = {"segment_ids": b["segment_ids"], "position_ids": b.get("position_ids")} if packed else {}
         out = self.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b.get("pixel_values"),
-                          phantom_index=b.get("phantom_index"), image_repeat=int(b.get("image_repeat", 1)))
+                          phantom_index=b.get("phantom_index"), image_repeat=int(b.get("image_repeat", 1)),
+                          return_hidden=lean, **extra)
         paired = int(b.get("image_repeat", 1)) == 2
         has_rejected = None
         if paired:
-            B = b["input_ids"].shape[0] // 2
+            B = int(b["num_samples"]) // 2 if packed else b["input_ids"].shape[0] // 2
             has_rejected = b.get("has_rejected", torch.ones(B, dtype=torch.bool, device=self.device))
         return preference_loss(out.logits, b["labels"], kind=cfg.loss.kind, beta=cfg.loss.beta,
                                gamma=cfg.loss.gamma, pref_weight=cfg.loss.pref_weight, sft_weight=cfg.loss.sft_weight,
                                has_rejected=has_rejected, ref_chosen_logps=b.get("ref_chosen_logps"),
                                ref_rejected_logps=b.get("ref_rejected_logps"),
-                               ignore_index=self.model.config.ignore_index)
+                               ignore_index=self.model.config.ignore_index, hidden=out.hidden_states,
+                               head_weight=self.model.language_model.head.weight if lean else None,
+                               sample_index=b.get("sample_index") if packed else None,
+                               num_samples=int(b["num_samples"]) if packed else None, chunk=cfg.loss.chunk_tokens)
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict], max_samples: int | None = None) -> dict[str, float]:
+        """Sample-weighted mean of the loss terms over ``batches`` (this rank's), in eval mode; the
+        sums and counts are all-reduced over ranks, so every rank returns the same numbers."""
+        import torch.distributed as dist
+
+        self.engine.eval()
+        keys = ("loss", "sft_loss", "pref_loss", "reward_margin", "pref_accuracy")
+        sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
+        seen = 0
+        for batch in batches:
+            n = len(batch.get("sample_key") or batch.get("sample_id") or []) or int(batch["input_ids"].shape[0])
+            m = self.forward_loss(batch).metrics()
+            sums[:-1] += torch.tensor([m[k] * n for k in keys], dtype=torch.float64)
+            sums[-1] += n
+            seen += n
+            if max_samples is not None and seen >= max_samples:
+                break
+        if dist.is_available() and dist.is_initialized() and self.world_size > 1:
+            dev = self.device if self.device.type == "cuda" else torch.device("cpu")
+            t = sums.to(dev)
+            dist.all_reduce(t)
+            sums = t.cpu()
+        self.engine.train()
+        n = float(sums[-1]) or 1.0
+        return {f"val/{k}": float(sums[i]) / n for i, k in enumerate(keys)} | {"val/samples": float(sums[-1])}
 
     def micro_step(self, batch: dict) -> dict[str, float]:
         """Forward + backward of one micro-batch; the engine steps the optimizer at the boundary."""
@@ -292,7 +316,7 @@ class PhantomRecipe:
         of its micro-batches plus throughput (tokens/s, samples/s, data wait, MFU)."""
         it: Iterator[dict] = iter(batches)
         acc: dict[str, float] = {}
-        n_micro = tokens = samples = 0
+        n_micro = tokens = samples = slots = 0
         wait = 0.0
         t_start = time.perf_counter()
         last = {}
@@ -306,7 +330,8 @@ class PhantomRecipe:
             keys = batch.get("sample_key") or batch.get("sample_id") or []
             m = self.micro_step(batch)
             self.state.consumed.extend(keys)
-            tokens += int(batch["attention_mask"].sum())
+            tokens += int(batch["attention_mask"].sum())  # real tokens: padding never counts
+            slots += int(batch["attention_mask"].numel())
             samples += len(keys) if keys else int(batch["input_ids"].shape[0])
             n_micro += 1
             for k, v in m.items():
@@ -319,14 +344,22 @@ class PhantomRecipe:
                 last = {k: v / n_micro for k, v in acc.items()}
                 last |= {"step": self.state.step, "epoch": self.state.epoch, "lr": self.scheduler.get_last_lr()[0],
                          "tokens_per_s": tokens / dt, "samples_per_s": samples / dt, "data_wait_s": wait,
-                         "step_time_s": dt, "tokens": tokens, "samples": samples}
+                         "step_time_s": dt, "tokens": tokens, "samples": samples,
+                         "row_fill": tokens / max(1, slots), "grad_norm": self._grad_norm()}
                 if self.peak:
                     last["mfu"] = tokens * self.flops_per_token / dt / self.peak
                 if on_step is not None:
                     on_step(self, last)
-                acc, n_micro, tokens, samples, wait = {}, 0, 0, 0, 0.0
+                acc, n_micro, tokens, samples, slots, wait = {}, 0, 0, 0, 0, 0.0
                 t_start = time.perf_counter()
         return last
+
+    def _grad_norm(self) -> float:
+        """Global gradient norm of the last optimizer step (before clipping), NaN when unknown."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return float("nan")
+        return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def save(self, directory: str, extra: dict | None = None) -> None:
@@ -385,40 +418,23 @@ class PhantomRecipe:
         sd = self.consolidated_state_dict()
         if self.rank != 0:
             return None
-        model = _unwrap_lora(self.model, sd) if self.cfg.recipe.lora.enabled else None
         from phantom_ray.model import PhantomForCausalLM
+        from phantom_ray.train import lora
 
+        extra = tokenizer_files(self.cfg)
+        lc = self.cfg.recipe.lora
+        if lc.enabled:
+            if not lc.merge_on_export:
+                extra |= lora.adapter_files(sd, lc)
+            sd = lora.merged_state_dict(self.model, sd) if lc.merge_on_export else lora.base_state_dict(sd)
         out = PhantomForCausalLM(self.model.config, attn_implementation="sdpa")
-        if model is not None:
-            sd = model
         missing, unexpected = out.load_state_dict(sd, strict=False)
         missing = [k for k in missing if k in dict(out.named_parameters())]
         if missing:
             raise RuntimeError(f"export: weights missing for {missing[:5]} ...")
-        extra = tokenizer_files(self.cfg)
         extra["train_config.yaml"] = self.cfg.to_yaml().encode()
         out.save_pretrained(uri, extra_files=extra)
         return uri
-
-
-def _unwrap_lora(module, sd: dict) -> dict:
-    """Merge LoRA deltas into the base weights: W + (alpha/r) * B @ A; drop adapter keys."""
-    out = {}
-    for k, v in sd.items():
-        if "lora_" in k:
-            continue
-        out[k.replace(".base_layer.", ".")] = v
-    for k in sd:
-        if ".lora_A." in k:
-            base = k.split(".lora_A.")[0]
-            adapter = k.split(".lora_A.")[1].split(".")[0]
-            a = sd[k]
-            b = sd[f"{base}.lora_B.{adapter}.weight"]
-            layer = module.get_submodule(base)
-            scale = layer.scaling[adapter]
-            key = f"{base}.weight"
-            out[key] = out[key] + scale * (b @ a)
-    return out
 
 
 def tokenizer_files(cfg: TrainConfig) -> dict[str, bytes]:
