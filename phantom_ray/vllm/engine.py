@@ -1,0 +1,253 @@
+"""``VLLMEngine``: the ``vllm`` backend of :mod:`phantom_ray.infer.api` (Phantom as a vLLM model).
+
+Prompts are built by our processor (chat template, tiling), exactly as the torch engine builds
+them, and handed to vLLM as token ids (with ``<img></img>`` per image, which vLLM's multimodal
+processor expands with the same tiling: see :mod:`phantom_ray.vllm.inputs`). Generated token ids
+are turned into text by the torch engine's own per-token logic (stop tokens, stop strings,
+streaming deltas), so greedy results are the same text for both backends.
+
+* :meth:`VLLMEngine.generate`: a batch through ``vllm.LLM`` (continuous batching inside one call).
+* :meth:`VLLMEngine.stream`: one request through vLLM's ``AsyncLLM``; concurrent streams share
+  batches (continuous batching, prefix caching). ``AsyncLLM`` runs its engine core in a separate
+  process, which registers the model through the ``vllm.general_plugins`` entry point: the
+  package must be installed (``pip install -e .``), as ``make install`` does.
+
+An engine builds the sync engine on first ``generate`` and the async one on first ``stream``;
+serving uses only ``stream``, captioning and eval only ``generate``.
+
+Not supported (a clear error per request, never a different answer): beam search
+(``num_beams > 1``: use the torch engine), prompts whose first token is not the template's (a
+system turn on Phi-3; see :mod:`phantom_ray.vllm.model`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, AsyncIterator, Sequence
+
+from phantom_ray.infer.api import Event, Generation, Request, SamplingParams
+from phantom_ray.infer.torch_engine import NullMetrics, TorchEngine, _Row, error_event, failed
+from phantom_ray.processing import ProcessingError, Sample
+from phantom_ray.processing.errors import SampleError
+from phantom_ray.vllm.inputs import phantom_token_id, vllm_prompt
+
+log = logging.getLogger(__name__)
+
+
+def _default_dtype() -> str:
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
+class VLLMEngine:
+    backend = "vllm"
+
+    # the torch engine's token -> text logic, reused so both backends give the same text and events
+    _step = TorchEngine._step
+    _emit = TorchEngine._emit
+    _send = TorchEngine._send
+    _finish = TorchEngine._finish
+    _decoded = TorchEngine._decoded
+
+    def __init__(self, model_dir: str | Path, processor, *, model_id: str | None = None,
+                 engine_args: dict[str, Any] | None = None, metrics=None):
+        self.model_dir = str(model_dir)
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.model_id = str(model_id or model_dir)
+        self.engine_args = dict(engine_args or {})
+        self.metrics = metrics if metrics is not None else NullMetrics()
+        self.first_token_id = phantom_token_id(processor.config, processor.tokenizer)
+        self._llm = None
+        self._async = None
+        self._ids = itertools.count()
+
+    @classmethod
+    def load(cls, model_id: str, *, dtype: str | None = "auto", seed: int = 0, max_length: int = 4096,
+             max_pixels: int | None = None, max_model_len: int | None = None, max_batch_size: int | None = None,
+             max_num_seqs: int | None = None, gpu_memory_utilization: float | None = None,
+             kv_cache_memory_bytes: int | None = None, enable_prefix_caching: bool = True,
+             enforce_eager: bool | None = None, metrics=None, vllm_options: dict | None = None,
+             **unused) -> "VLLMEngine":
+        """``model_id``: a preset (random weights seeded by ``seed``, written once to the cache),
+        a checkpoint directory, an ``s3://`` prefix or a hub id (see ``phantom_ray.loader``).
+        ``vllm_options`` go to vLLM's engine arguments unchanged."""
+        from phantom_ray.loader import local_model_dir
+        from phantom_ray.model.config import PhantomConfig
+        from phantom_ray.processing import PhantomProcessor, load_tokenizer
+
+        if unused:
+            log.debug("vllm engine ignores options %s", sorted(unused))
+        d = local_model_dir(model_id, seed=seed)
+        config = PhantomConfig.from_json_file(Path(d) / "config.json")
+        tok = load_tokenizer(str(d), config)
+        processor = PhantomProcessor(config, tok, max_length=max_length,
+                                     **({"max_pixels": max_pixels} if max_pixels is not None else {}))
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+        args: dict[str, Any] = dict(
+            model=str(d), tokenizer=str(d), dtype=_default_dtype() if dtype in (None, "auto") else str(dtype),
+            seed=seed, max_model_len=max_model_len or min(max_length, config.llm_config.max_position_embeddings),
+            enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
+        )
+        if max_num_seqs or max_batch_size:
+            args["max_num_seqs"] = int(max_num_seqs or max_batch_size)
+        if kv_cache_memory_bytes is not None:
+            args["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
+        elif gpu_memory_utilization is not None:
+            args["gpu_memory_utilization"] = float(gpu_memory_utilization)
+        elif not on_gpu:
+            # on CPU the fraction is of host RAM, and the default 0.92 refuses to start next to
+            # other processes: reserve a fixed KV cache instead
+            args["kv_cache_memory_bytes"] = 512 * 2**20
+        args.update(vllm_options or {})
+        return cls(d, processor, model_id=str(model_id), engine_args=args, metrics=metrics)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.engine_args.get("dtype", "auto"))
+
+    # ---- engines -----------------------------------------------------------------------------------
+    def _sync_engine(self):
+        if self._llm is None:
+            from vllm import LLM
+
+            from phantom_ray.vllm import register
+
+            register()
+            self._llm = LLM(**self.engine_args)
+        return self._llm
+
+    def _async_engine(self):
+        if self._async is None:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            from phantom_ray.vllm import register
+
+            register()
+            self._async = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+        return self._async
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def prepare(self, request: Request) -> Sample:
+        """Request -> prompt Sample (the torch engine's), checked for what vLLM serves."""
+        if request.params.num_beams > 1:
+            raise SampleError("unsupported_parameter",
+                              "beam search (num_beams > 1) is not available on the vllm engine; use engine torch")
+        sample = self.processor.encode(request.messages, images=list(request.images) or None,
+                                       system=request.system, add_generation_prompt=True)
+        sample.labels = None
+        first = int(sample.input_ids[0]) if len(sample) else None
+        if first != self.first_token_id:
+            raise SampleError("unsupported_prompt",
+                              f"the vllm engine serves prompts starting with the template token (id {self.first_token_id}); "
+                              f"this one starts with {first} (a system turn on Phi-3?). Use engine torch for it")
+        max_len = self.engine_args["max_model_len"]
+        if len(sample) + request.params.max_tokens > max_len:
+            raise SampleError("prompt_too_long",
+                              f"prompt ({len(sample)} tokens) + max_tokens ({request.params.max_tokens}) exceeds the "
+                              f"engine's max_model_len {max_len}")
+        return sample
+
+    def _vllm_params(self, params: SamplingParams, key: str, delta: bool = False):
+        from vllm import SamplingParams as VSP
+        from vllm.sampling_params import RequestOutputKind
+
+        stops = [] if params.ignore_eos else list(self.processor.stop_token_ids)
+        return VSP(
+            max_tokens=params.max_tokens,
+            temperature=0.0 if params.greedy else params.temperature,
+            top_p=params.top_p, top_k=params.top_k,
+            seed=None if params.greedy else params.seed_for(key) % (2**31),
+            stop=list(params.stop) or None,
+            # our stop tokens only (the tokenizer's eos may differ from the template's end token)
+            ignore_eos=True, stop_token_ids=stops,
+            output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
+            detokenize=bool(params.stop),
+        )
+
+    def _replay(self, row: _Row, token_ids: Sequence[int]) -> None:
+        stops = set() if row.params.ignore_eos else set(self.processor.stop_token_ids)
+        for tok in token_ids:
+            if row.done:
+                break
+            self._step(row, int(tok), stops)
+
+    # ---- batch generation --------------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request], **_unused) -> list[Generation]:
+        """One Generation per request, in order; a request that cannot be served gives an error row."""
+        rows: list[tuple[int, _Row, list]] = []
+        out: list[Generation | None] = [None] * len(requests)
+        for i, r in enumerate(requests):
+            try:
+                sample = self.prepare(r)
+            except ProcessingError as exc:
+                out[i] = failed(exc)
+                continue
+            rows.append((i, _Row(sample, r.params, r.key or str(i)), list(r.images)))
+        if rows:
+            llm = self._sync_engine()
+            prompts = [vllm_prompt(self.processor, row.sample, ims) for _, row, ims in rows]
+            params = [self._vllm_params(row.params, row.key) for _, row, _ in rows]
+            results = llm.generate(prompts, params, use_tqdm=False)
+            for (i, row, _), res in zip(rows, results):
+                self._replay(row, res.outputs[0].token_ids)
+                if not row.done:
+                    self._finish(row, "length")
+                out[i] = Generation(text=row.text, finish_reason=row.finish_reason, prompt_tokens=len(row.sample),
+                                    completion_tokens=row.completion_tokens, num_tiles=sum(row.sample.num_tiles),
+                                    latency_s=time.monotonic() - row.submitted)
+        return out  # type: ignore[return-value]
+
+    # ---- streaming ---------------------------------------------------------------------------------
+    async def stream(self, request: Request) -> AsyncIterator[Event]:
+        """Events of one request: ``delta`` pieces, then one ``done`` or one ``error``."""
+        try:
+            sample = await asyncio.to_thread(self.prepare, request)
+        except ProcessingError as exc:
+            self.metrics.rejected("error")
+            yield error_event(exc)
+            return
+        engine = self._async_engine()
+        events: list[Event] = []
+        row = _Row(sample, request.params, request.key or f"stream-{next(self._ids)}", sink=events.append)
+        rid = f"phantom-{os.getpid()}-{next(self._ids)}"
+        prompt = vllm_prompt(self.processor, sample, list(request.images))
+        vllm_done = False
+        try:
+            async for res in engine.generate(prompt, self._vllm_params(row.params, row.key, delta=True), rid):
+                vllm_done = res.finished
+                self._replay(row, res.outputs[0].token_ids)
+                if res.finished and not row.done:
+                    self._finish(row, "length")
+                while events:
+                    yield events.pop(0)
+                if row.done:
+                    self.metrics.finished(time.monotonic() - row.submitted, row.completion_tokens, 0.0, "ok")
+                    return
+        finally:
+            if not vllm_done:  # client gone, or our stop string ended the row first: free vLLM's slot
+                await engine.abort(rid)
+
+    def close(self) -> None:
+        if self._async is not None:
+            self._async.shutdown()
+            self._async = None
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            del llm
+            import gc
+
+            gc.collect()
+
+
+__all__ = ["VLLMEngine"]

