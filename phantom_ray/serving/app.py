@@ -45,6 +45,13 @@ class PhantomModelDeployment:
     def stats(self) -> dict:
         return self.worker.stats()
 
+    def __del__(self):
+        # Serve calls this when it stops the replica (scale-down, redeploy, shutdown): the vLLM engine's
+        # engine-core process is a child of this actor and must not outlive it holding the GPU/KV cache
+        worker = getattr(self, "worker", None)
+        if worker is not None:
+            worker.close()
+
 
 class _HandleBackend:
     """Reaches a model deployment through its handle, as a stream of engine events."""

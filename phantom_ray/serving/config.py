@@ -49,6 +49,22 @@ class ModelSpec(Config):
     max_tokens_limit: int = Field(2048, ge=1, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(256, ge=1)
     seed: int = Field(0, description="weight init seed when checkpoint is a preset (tests, smoke runs)")
+    # engine "vllm" only (vLLM's engine arguments; None: the engine's default). The replica's vLLM
+    # engine core runs in its own process with the replica's environment (runtime_env env_vars).
+    max_model_len: int | None = Field(None, ge=16, description="vLLM context length (prompt + output); "
+                                      "None: max_prompt_tokens, capped by the model's positions")
+    kv_cache_memory_bytes: int | None = Field(None, ge=1, description="vLLM KV cache size in bytes; on CPU the "
+                                              "engine reserves 512 MiB when neither this nor the fraction is set")
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vLLM: fraction of the GPU's "
+                                                 "memory for weights + KV cache (of this replica's share)")
+    block_size: int | None = Field(None, ge=1, description="vLLM KV cache block size in tokens (CPU: a "
+                                   "multiple of 32)")
+    enable_prefix_caching: bool = True
+    enforce_eager: bool | None = Field(None, description="vLLM: no CUDA graphs; None: eager on CPU only")
+    vllm_options: dict[str, Any] = Field(default_factory=dict, description="further vLLM engine arguments, "
+                                         "passed unchanged (e.g. max_num_batched_tokens)")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="environment of this model's replicas "
+                                     "(and of their vLLM engine-core process), e.g. VLLM_CPU_OMP_THREADS_BIND")
 
     @field_validator("name")
     @classmethod
@@ -84,6 +100,16 @@ class ModelSpec(Config):
             )
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError(f"model {self.name!r}: default_max_tokens > max_tokens_limit")
+        if self.kv_cache_memory_bytes is not None and self.gpu_memory_utilization is not None:
+            raise ValueError(f"model {self.name!r}: set kv_cache_memory_bytes or gpu_memory_utilization, not both")
+        if self.engine == "torch":
+            vllm_only = [f for f in ("max_model_len", "kv_cache_memory_bytes", "gpu_memory_utilization", "block_size",
+                                     "enforce_eager") if getattr(self, f) is not None]
+            if self.vllm_options:
+                vllm_only.append("vllm_options")
+            if vllm_only:
+                raise ValueError(f"model {self.name!r}: {', '.join(vllm_only)} only apply to engine vllm "
+                                 f"(this model has engine torch)")
         return self
 
     @property
@@ -98,6 +124,19 @@ class ModelSpec(Config):
             return 2 * self.max_ongoing_requests
         return self.max_queued_requests
 
+    def engine_options(self) -> dict[str, Any]:
+        """The vLLM engine's options of this model (``VLLMEngine.load`` keywords)."""
+        opts: dict[str, Any] = {
+            "enable_prefix_caching": self.enable_prefix_caching,
+            "vllm_options": dict(self.vllm_options),
+        }
+        for f in ("max_model_len", "kv_cache_memory_bytes", "gpu_memory_utilization", "enforce_eager"):
+            if getattr(self, f) is not None:
+                opts[f] = getattr(self, f)
+        if self.block_size is not None:
+            opts["vllm_options"]["block_size"] = self.block_size
+        return opts
+
     def deployment_options(self) -> dict[str, Any]:
         """Keyword arguments of ``Deployment.options`` for this model's replicas."""
         opts: dict[str, Any] = {
@@ -106,6 +145,9 @@ class ModelSpec(Config):
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.queue_limit,
         }
+        if self.env_vars:
+            # merged by Serve over the application's runtime_env env_vars
+            opts["ray_actor_options"]["runtime_env"] = {"env_vars": dict(self.env_vars)}
         if self.autoscaling_config is not None:
             opts["autoscaling_config"] = dict(self.autoscaling_config)
         else:

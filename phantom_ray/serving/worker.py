@@ -60,6 +60,8 @@ class ModelWorker:
                        max_batch_size=self.spec.max_batch_size)
         if backend == "torch":
             options.update(batch_wait_timeout_s=self.spec.batch_wait_timeout_s, metrics=self.metrics)
+        else:  # vllm: continuous batching inside vLLM's async engine; its engine arguments from the spec
+            options.update(self.spec.engine_options(), metrics=self.metrics)
         if model is not None:  # an in-memory model (tests, benchmarks): the torch engine over it
             from phantom_ray.infer.torch_engine import TorchEngine
             from phantom_ray.processing import PhantomProcessor
@@ -112,3 +114,9 @@ class ModelWorker:
 
     def stats(self) -> dict:
         return self.metrics.snapshot()
+
+    def close(self) -> None:
+        """Stop the engine (the vLLM engine-core process with it); idempotent."""
+        engine, self.engine = getattr(self, "engine", None), None
+        if engine is not None:
+            engine.close()
