@@ -11,6 +11,16 @@
   (fractional GPUs allowed), ``max_ongoing_requests``, ``max_queued_requests`` and autoscaling;
 * ``PhantomIngress``: the FastAPI app of ``phantom_ray.serving.api``, routing by the ``model`` field
   to the model deployments' handles (streaming calls). A model whose queue is full answers 503.
+
+A model on ``engine: vllm`` holds vLLM's async engine (``phantom_ray.vllm.engine.VLLMEngine``) in
+its replica; vLLM's engine core runs in a child process of the replica actor, inherits the actor's
+environment (the application's and the model's ``runtime_env`` ``env_vars``) and is shut down when
+Serve stops the replica (``__del__``). Why our ingress over vLLM's async engine rather than
+``ray.serve.llm.build_openai_app``: that app serves vLLM's own OpenAI server, which would bypass our
+API keys, our image-URL allowlist with SSRF checks and our image/body/prompt limits (one set for
+every entry point, ``phantom_ray.ingest``), our error shapes, and Phantom's processor (our chat
+template and tiling build the prompt; vLLM gets token ids, so answers equal the torch engine's).
+Here vLLM is an engine behind the same ``Engine`` interface as torch, chosen per model.
 """
 
 from __future__ import annotations
