@@ -26,3 +26,24 @@ def create_engine(model_id: str, backend: str, **options):
 
         return VLLMEngine.load(model_id, **options)
     raise ValueError(f"unknown engine backend {backend!r}")
+
+
+def resolve_backend(engine: str, num_beams: int = 1, what: str = "this run") -> str:
+    """The backend a batch job runs on: ``auto`` is vllm where installed, except that beam search
+    (``num_beams > 1``) exists only on the torch engine, so ``auto`` picks torch for it (logged);
+    ``vllm`` with beams is refused here, before any worker starts, instead of failing every row."""
+    import logging
+
+    if engine not in ("auto", "torch", "vllm"):
+        raise ValueError(f"unknown engine {engine!r}; use auto, torch or vllm")
+    if num_beams > 1:
+        if engine == "vllm":
+            raise ValueError(f"{what}: beam search (num_beams={num_beams}) runs on the torch engine only; "
+                             f"use --engine torch (or auto), or num_beams 1 on vllm")
+        if engine == "auto":
+            logging.getLogger("phantom_ray.infer").info(
+                "%s: engine auto -> torch, as beam search (num_beams=%d) is torch-only", what, num_beams)
+        return "torch"
+    if engine == "auto":
+        return "vllm" if vllm_available() else "torch"
+    return engine

@@ -599,6 +599,11 @@ def caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = None) -
     import ray
     from ray.data import ActorPoolStrategy
 
+    # the backend that runs (and is recorded): auto is vllm where installed, else torch; beam search is
+    # torch-only. Resolved first, so a refused combination fails before any planning
+    from phantom_ray.infer.backends import resolve_backend
+
+    engine = resolve_backend(cfg.engine, cfg.sampling.num_beams, "caption")
     t0 = time.perf_counter()
     if is_preset(cfg.model):
         log.warning("model %r is a preset name: randomly initialised weights (seed %d); captions are noise",
@@ -619,11 +624,6 @@ def caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = None) -
     processed = prompt_tokens = generated_tokens = written = 0
     busy = 0.0
     t_first = None
-    engine = cfg.engine
-    if engine == "auto":  # recorded as the backend that ran (vllm where installed, else torch)
-        from phantom_ray.infer.api import default_backend
-
-        engine = default_backend()
     if pending:
         _ensure_ray()
         num_gpus = resolve_num_gpus(cfg.num_gpus)

