@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
 # flag -> EvalConfig field; a flag given on the command line overrides the YAML file
 _FLAGS = {"model": "model", "benchmarks": "benchmarks", "data_root": "data_root", "output": "output",
-          "num_beams": "num_beams", "batch_size": "batch_size", "limit": "limit", "paper_size": "paper_size"}
+          "num_beams": "num_beams", "batch_size": "batch_size", "limit": "limit", "paper_size": "paper_size",
+          "engine": "engine"}
 
 
 def build_config(args: argparse.Namespace):
@@ -120,6 +121,8 @@ def register(subparsers) -> None:
     p.add_argument("--data-root", default=None, help="Evaluation_Dataset_Path of the seed README (local or s3://)")
     p.add_argument("--output", default=None, help="where predictions/ and results.{json,md} go (local or s3://)")
     p.add_argument("--num-beams", type=int, default=None, help="1 = greedy (default); the original used 3")
+    p.add_argument("--engine", default=None, choices=["auto", "torch", "vllm"],
+                   help="generation backend (default auto: vllm where installed; beam search runs on torch)")
     p.add_argument("--batch-size", type=int, default=None, help="generation batch size per actor (default 8)")
     p.add_argument("--limit", type=int, default=None, help="only the first N items of each benchmark")
     p.add_argument("--paper-size", default=None, choices=["0.5b", "1.8b", "3.8b", "7b"],

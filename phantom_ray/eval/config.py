@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from phantom_ray.config import Config, resolve_path
 
@@ -44,6 +44,9 @@ class EvalConfig(Config):
         None, description="paper column to compare with (default: guessed from the model name)")
     # generation
     num_beams: int = Field(1, ge=1, description="1 = greedy; the original harness used 3")
+    engine: Literal["auto", "torch", "vllm"] | None = Field(
+        None, description="generation backend; None/auto = vllm where installed, torch for beam search "
+                          "(num_beams > 1 is torch-only)")
     batch_size: int = Field(8, ge=1, description="generation batch size per actor")
     # None below = the generation path's own default (phantom_ray.eval's make_predict_fn), so the
     # defaults are written in one place
@@ -81,13 +84,21 @@ class EvalConfig(Config):
             raise ValueError(f"max_replicas ({value}) is below min_replicas ({low})")
         return value
 
+    @model_validator(mode="after")
+    def _engine_beams(self) -> "EvalConfig":
+        if self.engine == "vllm" and self.num_beams > 1:
+            raise ValueError(f"engine vllm cannot run num_beams={self.num_beams}: beam search is torch-only; "
+                             f"use engine torch (or auto, which picks torch for beams), or num_beams 1")
+        return self
+
     def predict_options(self) -> dict[str, Any]:
         """Keyword arguments for ``make_predict_fn`` besides the model, beams and batch size: the
         fields this config sets (None = the generation path's default)."""
         names = ("min_replicas", "max_replicas", "num_gpus", "num_cpus", "dtype", "seed", "max_length", "use_ray")
+        names = ("engine",) + names
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def settings(self) -> dict[str, Any]:
         """The generation settings recorded in results.json."""
         return {"num_beams": self.num_beams, "batch_size": self.batch_size,
-                **{n: getattr(self, n) for n in ("dtype", "seed", "max_length") if getattr(self, n) is not None}}
+                **{n: getattr(self, n) for n in ("engine", "dtype", "seed", "max_length") if getattr(self, n) is not None}}

@@ -32,7 +32,8 @@ def _item_image_bytes(refs: list) -> bytes | None:
     return buf.getvalue()
 
 
-def make_predict_fn(model: str, num_beams: int = 1, batch_size: int = 8, *, min_replicas: int = 1,
+def make_predict_fn(model: str, num_beams: int = 1, batch_size: int = 8, *, engine: str = "auto",
+                    min_replicas: int = 1,
                     max_replicas: int = 1, num_gpus: float | None = None, num_cpus: float = 1.0,
                     decode_num_cpus: float = 1.0, decode_concurrency: int | None = None, dtype: str = "auto",
                     seed: int = 0, max_length: int = 4096, use_ray: bool = True,
@@ -41,11 +42,15 @@ def make_predict_fn(model: str, num_beams: int = 1, batch_size: int = 8, *, min_
     ``user_text()`` and image(s) go through the Ray Data decode tasks and the generation actor pool
     (``use_ray=False``: one in-process engine), with each item's own ``max_new_tokens``. Greedy by
     default; ``num_beams=3`` is the original harness; ``sampling``: other :class:`SamplingParams`
-    fields. A failed item (bad image) predicts ""."""
+    fields. A failed item (bad image) predicts "". ``engine``: ``auto`` (vllm where installed, torch
+    for beam search), ``torch`` or ``vllm`` (refuses ``num_beams > 1``: beam search is torch-only)."""
+    from phantom_ray.infer.backends import resolve_backend
     from phantom_ray.infer.caption import StageOptions, build_generation_dataset
 
     params = SamplingParams(num_beams=num_beams, **sampling)
-    opts = StageOptions(model=model, generation=params, batch_size=batch_size, min_replicas=min_replicas,
+    backend = resolve_backend(engine, num_beams, "eval")
+    log.info("eval generation on engine %s", backend)
+    opts = StageOptions(model=model, generation=params, engine=backend, batch_size=batch_size, min_replicas=min_replicas,
                         max_replicas=max_replicas, num_gpus=num_gpus, num_cpus=num_cpus,
                         decode_num_cpus=decode_num_cpus, decode_concurrency=decode_concurrency, dtype=dtype,
                         seed=seed, max_length=max_length)
@@ -55,7 +60,7 @@ def make_predict_fn(model: str, num_beams: int = 1, batch_size: int = 8, *, min_
         from phantom_ray.infer.api import load_engine
 
         if "engine" not in state:
-            state["engine"] = load_engine(model, backend="torch", dtype=dtype, seed=seed, max_length=max_length)
+            state["engine"] = load_engine(model, backend=backend, dtype=dtype, seed=seed, max_length=max_length)
         engine = state["engine"]
         out: list[str | None] = [None] * len(items)
         by_len: dict[int, list[int]] = collections.defaultdict(list)
@@ -86,7 +91,9 @@ def make_predict_fn(model: str, num_beams: int = 1, batch_size: int = 8, *, min_
             raise RuntimeError(f"generation returned no answer for {len(missing)} items (first: {items[missing[0]].id})")
         return [got[i] for i in range(len(items))]
 
-    return predict_ray if use_ray else predict_local
+    predict = predict_ray if use_ray else predict_local
+    predict.engine = backend  # the backend that runs, for the results' settings
+    return predict
 
 
 def _prediction(item, text: str | None, error: str | None, detail: str | None) -> str:

@@ -830,12 +830,61 @@ class Captioner:
         return pa.Table.from_pylist(out, schema=_caption_schema())
 
 
+class VLLMCaptioner:
+    """map_batches callable class for the ``vllm`` engine: vLLM preprocesses images itself (the same
+    tiling as our processor), so its actors take the raw rows (image bytes or URI + prompt) instead of
+    the decode stage's pixel values, and generate each batch in one ``vllm.LLM`` call."""
+
+    def __init__(self, model_id: str, generation: dict, batch_size: int, dtype: str = "auto", seed: int = 0,
+                 max_length: int = 4096, max_pixels: int | None = None,
+                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, num_gpus: float = 0.0):
+        import warnings
+
+        from phantom_ray.infer.api import load_engine
+        from phantom_ray.loader import default_device
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the driver already warned about preset weights
+            self.engine = load_engine(model_id, backend="vllm", device=default_device(num_gpus), dtype=dtype,
+                                      seed=seed, max_length=max_length, max_pixels=max_pixels,
+                                      max_batch_size=batch_size)
+        self.generation = SamplingParams(**{**generation, "stop": tuple(generation.get("stop", ()))})
+        self.max_image_bytes = max_image_bytes
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        from phantom_ray.infer.api import Request
+        from phantom_ray.processing import ProcessingError
+
+        rows = batch.to_pylist()
+        results: list[Generation | None] = [None] * len(rows)
+        reqs, idx = [], []
+        for i, r in enumerate(rows):
+            try:
+                data = _read_image(r, self.max_image_bytes)
+            except ProcessingError as exc:
+                results[i] = Generation(text=None, error=exc.reason, error_detail=error_detail(exc))
+                continue
+            params = self.generation.replace(max_tokens=r.get("max_new_tokens") or self.generation.max_tokens)
+            reqs.append(Request.user(r["prompt"], images=[data] if data is not None else [], params=params,
+                                     key=r["key"]))
+            idx.append(i)
+        for i, g in zip(idx, self.engine.generate(reqs)):
+            results[i] = g
+        out = [{"key": r["key"], "shard": r.get("shard"), "caption": g.text.strip() if g.text is not None else None,
+                "num_tiles": g.num_tiles, "tokens_generated": g.completion_tokens, "finish_reason": g.finish_reason,
+                "error": g.error, "error_detail": g.error_detail} for r, g in zip(rows, results)]
+        return pa.Table.from_pylist(out, schema=_caption_schema())
+
+
 @dataclass
 class StageOptions:
     """Resources and settings of the two Ray Data stages (shared by captioning and eval)."""
 
     model: str
     generation: SamplingParams
+    engine: str = "torch"                # resolved backend ("torch" | "vllm"), not "auto"
     batch_size: int = 8
     min_replicas: int = 1
     max_replicas: int = 1
@@ -880,6 +929,18 @@ def build_generation_dataset(rows: list[dict], opts: StageOptions):
     blocks = max(1, min(len(rows), math.ceil(len(rows) / opts.batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the caller shows its own
+    if opts.engine == "vllm":  # one stage: vLLM opens and tiles the images in its actors
+        return ds.map_batches(
+            VLLMCaptioner, batch_format="pyarrow", batch_size=opts.batch_size,
+            compute=ActorPoolStrategy(min_size=opts.min_replicas, max_size=opts.max_replicas),
+            num_gpus=num_gpus, num_cpus=opts.num_cpus,
+            fn_constructor_kwargs={"model_id": opts.model, "generation": opts.generation.to_dict(),
+                                   "batch_size": opts.batch_size, "dtype": opts.dtype, "seed": opts.seed,
+                                   "max_length": opts.max_length, "max_pixels": opts.max_pixels,
+                                   "max_image_bytes": opts.max_image_bytes, "num_gpus": num_gpus},
+            runtime_env=runtime_env)
+    if opts.engine != "torch":
+        raise ValueError(f"StageOptions.engine must be torch or vllm (resolved), got {opts.engine!r}")
     # Decoding must not run inside (and hold) a GPU replica. Ray Data fuses consecutive maps whose
     # remote args are equal; the decode tasks' memory reservation (full-size images are decoded
     # there) differs from the actors' args, so the stages stay apart.
