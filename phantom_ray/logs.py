@@ -125,23 +125,16 @@ class RunLogs:
 
     def init_ray(self, address: str | None = None, **kw):
         """Start (or join, or reuse) Ray for this run with :meth:`ray_init_kwargs`, then
-        :meth:`attach_ray`. Goes through ``phantom_ray.runtime.init_ray`` where it exists."""
+        :meth:`attach_ray` (through ``phantom_ray.runtime.init_ray``, the one way we start Ray)."""
         import ray
+
+        from phantom_ray.runtime import init_ray
 
         if not self.verbose:
             _quiet_third_party()  # ray's logger got its console handler on import: "Started a local Ray..."
             self.capture_native_stderr()
         if not ray.is_initialized():
-            kw = self.ray_init_kwargs(**kw)
-            try:
-                from phantom_ray.runtime import init_ray
-            except ImportError:
-                if address is not None:
-                    kw.pop("include_dashboard", None)
-                    kw.pop("num_cpus", None)
-                ray.init(address=address, **kw)
-            else:
-                init_ray(address, **kw)
+            init_ray(address, **self.ray_init_kwargs(**kw))
         self.attach_ray()
         return ray
 

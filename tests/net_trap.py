@@ -55,6 +55,8 @@ def trap_env(port: int) -> dict[str, str]:
         env[name] = env[name.lower()] = proxy
     env["NO_PROXY"] = env["no_proxy"] = no_proxy
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # vLLM's usage reporting (a POST to its stats server, cloud-provider probes)
+    env["VLLM_NO_USAGE_STATS"] = env["DO_NOT_TRACK"] = "1"
     return env
 
 

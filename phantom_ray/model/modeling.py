@@ -215,17 +215,21 @@ class PhantomForCausalLM(nn.Module):
         ctx = build_context(mask, cache, phantom_index, self.attn_implementation, llm_cfg.sliding_window,
                             use_phantom=self.use_phantom)
         cos, sin = rope_cos_sin(llm_cfg, position_ids, h.dtype)
-        for layer in self.language_model.model.layers:
-            if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, ctx)
-        h = self.language_model.model.norm(h)
+        h = self._decoder(h, cos, sin, ctx)
         if cache is not None:
             cache.commit(mask, position_ids)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self._head(h, labels, cache, return_hidden)
+
+    def _decoder(self, h, cos, sin, ctx) -> torch.Tensor:
+        """The decoder layers and final norm, shared by the padded and the packed forward."""
+        for layer in self.language_model.model.layers:
+            if self.gradient_checkpointing and self.training:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, ctx)
+        return self.language_model.model.norm(h)
 
     def _head(self, h, labels, cache, return_hidden) -> PhantomOutput:
         if return_hidden:
@@ -247,12 +251,7 @@ class PhantomForCausalLM(nn.Module):
             idx = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
             position_ids = (idx - ctx.packed.phantom_pos).clamp(min=0)
         cos, sin = rope_cos_sin(llm_cfg, position_ids, h.dtype)
-        for layer in self.language_model.model.layers:
-            if self.gradient_checkpointing and self.training:
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, ctx)
-        h = self.language_model.model.norm(h)
+        h = self._decoder(h, cos, sin, ctx)
         return self._head(h, labels, None, return_hidden)
 
     # ---- generation --------------------------------------------------------------------------------
