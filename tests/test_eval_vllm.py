@@ -26,6 +26,11 @@ def test_engine_choice_with_beam_search(caplog):
     base = {"model": "tiny-qwen2", "benchmarks": "pope", "data_root": "d", "output": "o"}
     with pytest.raises(ConfigError, match="beam search is torch-only"):
         EvalConfig.from_dict({**base, "engine": "vllm", "num_beams": 3})
+    from phantom_ray.infer.caption import CaptionConfig
+
+    with pytest.raises(ValueError, match="torch engine only"):  # captioning refuses it before Ray starts
+        CaptionConfig(input="in", output="out", model="tiny-qwen2", engine="vllm",
+                      sampling={"max_tokens": 4, "num_beams": 3})
     cfg = EvalConfig.from_dict({**base, "engine": "vllm"})
     assert cfg.predict_options()["engine"] == "vllm" and cfg.settings()["engine"] == "vllm"
 

@@ -158,6 +158,10 @@ class CaptionConfig(Config):
     def _replicas(self) -> "CaptionConfig":
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        if self.engine == "vllm" and self.sampling.num_beams > 1:  # refused before Ray starts
+            from phantom_ray.infer.backends import resolve_backend
+
+            resolve_backend(self.engine, self.sampling.num_beams, "caption")
         return self
 
     def job_record(self) -> dict[str, Any]:
