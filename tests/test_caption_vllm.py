@@ -39,6 +39,7 @@ def _config(input_dir: str, output: str, engine: str):
     return config_from_args(build_parser(argv).parse_args(argv))
 
 
+@pytest.mark.slow  # two caption runs on Ray, one of them starting vLLM in the actor (~65 s on 2 CPUs)
 def test_caption_engine_vllm_equals_torch(tmp_path, ray_local):
     _write_images(tmp_path)
     rows = {}
