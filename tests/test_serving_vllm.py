@@ -118,3 +118,34 @@ def test_errors_keep_our_shapes(client):
     ok = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                         temperature=0)
     assert ok.choices[0].message.content is not None
+
+
+def test_replica_stop_ends_the_vllm_engine_core(client):
+    """Deleting the application stops the replica, whose ``__del__`` shuts vLLM's engine core (a child
+    process of the replica actor) down: nothing of it outlives the replica. Runs last in this module."""
+    import time
+
+    import psutil
+    from ray import serve
+
+    def replicas():
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if f"ServeReplica:{APP}:PhantomModel-{MODEL}" in cmd:
+                found.append(p)
+        return found
+
+    reps = replicas()
+    assert reps, "no replica process found"
+    children = [c for r in reps for c in r.children(recursive=True)]
+    assert children, "the vLLM replica has no engine-core child process"
+    serve.delete(APP)
+    deadline = time.monotonic() + 30
+    alive = children
+    while time.monotonic() < deadline:
+        alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            break
+        time.sleep(0.5)
+    assert not alive, f"engine-core processes outlive the replica: {[c.pid for c in alive]}"
