@@ -84,6 +84,9 @@ class VLLMEngine:
 
         if unused:
             log.debug("vllm engine ignores options %s", sorted(unused))
+        # vLLM reports usage to its stats server (and probes cloud metadata) unless told not to; a
+        # deployment that wants it sets VLLM_NO_USAGE_STATS=0 itself
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         d = local_model_dir(model_id, seed=seed)
         config = PhantomConfig.from_json_file(Path(d) / "config.json")
         tok = load_tokenizer(str(d), config)
