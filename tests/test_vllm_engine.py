@@ -100,3 +100,17 @@ def test_stream_equals_generate(engines):
     got = asyncio.run(run())
     for (text, done), w in zip(got, want):
         assert done.type == "done" and text == w.text and done.completion_tokens == w.completion_tokens
+
+
+def test_engine_start_tolerates_flask_proxies_in_the_process():
+    """vLLM's CPU kernel rebinding scans every module namespace with hasattr(); flask's unbound
+    request/session proxies raise RuntimeError there (flask is in any process that imported moto's
+    server or a Flask app). After our plugin registers, the scan over such a process must pass."""
+    flask = pytest.importorskip("flask", reason="flask not installed")
+    from vllm.triton_utils import dispatcher
+
+    from phantom_ray.vllm import register
+
+    assert flask.request is not None  # the unbound proxy is in sys.modules (flask.globals)
+    register()
+    dispatcher._rebind_kernels([])  # the same scan the engine's start-up runs: must not raise

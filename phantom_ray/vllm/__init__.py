@@ -32,3 +32,25 @@ def register() -> None:
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # by name, so the heavy module is imported only when a Phantom model is actually built
         ModelRegistry.register_model(ARCHITECTURE, "phantom_ray.vllm.model:PhantomVLLMForCausalLM")
+    _tolerate_proxy_objects_in_kernel_scan()
+
+
+def _hasattr_or_false(obj, name: str) -> bool:
+    try:
+        return hasattr(obj, name)
+    except Exception:  # noqa: BLE001 - see _tolerate_proxy_objects_in_kernel_scan
+        return False
+
+
+def _tolerate_proxy_objects_in_kernel_scan() -> None:
+    """vLLM's CPU platform rebinds Triton kernels by scanning every module namespace in the process
+    with ``hasattr(value, "__dict__")`` (``vllm.triton_utils.dispatcher._rebind_kernels``). An object
+    whose attribute access raises something other than AttributeError (werkzeug's unbound
+    ``LocalProxy``, e.g. ``flask.request`` once flask is imported anywhere in the process) makes
+    engine start-up fail with "Working outside of application context". Giving that module a
+    ``hasattr`` that answers False for such objects keeps the scan's meaning for everything else."""
+    try:
+        from vllm.triton_utils import dispatcher
+    except ImportError:  # a vLLM without the scan
+        return
+    dispatcher.hasattr = _hasattr_or_false
