@@ -60,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     o.add_argument("--max-image-bytes", type=int, default=None,
                    help="files larger than this become error rows (default: the ingest limit, 20 MiB)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar / progress lines")
+    from phantom_ray.logs import add_verbose_flag
+
+    add_verbose_flag(p)
     return p
 
 
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     from phantom_ray.logs import setup_logging
 
-    logs = setup_logging(None, verbose=getattr(args, "verbose", False), name="caption")  # jobs/caption.py has no -v
+    logs = setup_logging(None, verbose=args.verbose, name="caption")
     try:
         cfg = config_from_args(args)
     except ValueError as exc:  # ConfigError, SamplingParams' checks
@@ -106,13 +109,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    from phantom_ray.logs import add_verbose_flag
-
     p = subparsers.add_parser("caption", help="caption a bucket of images with an autoscaled Ray Data pipeline",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="example (after `make quickstart`):\n  phantom-ray caption --input .phantom_ray_quickstart/"
                                      "caption-input --output /tmp/captions --model .phantom_ray_quickstart/step2-export "
                                      "--max-new-tokens 8")
     add_arguments(p)
-    add_verbose_flag(p)
     p.set_defaults(func=run)

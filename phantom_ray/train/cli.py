@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="dotted overrides of config fields, e.g. optim.lr=3e-4 run.max_steps=100")
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     parser.add_argument("--dry-run", action="store_true", help="load and print the resolved config, do not train")
+    from phantom_ray.logs import add_verbose_flag
+
+    add_verbose_flag(parser)
     return parser
 
 
@@ -54,8 +57,5 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="distributed Phantom training (Ray Train + DeepSpeed)",
                               description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="example:\n  phantom-ray train --config configs/train/tiny-cpu.yaml run.max_steps=20")
-    from phantom_ray.logs import add_verbose_flag
-
     add_arguments(p)
-    add_verbose_flag(p)
     p.set_defaults(func=run)
