@@ -203,7 +203,7 @@ def test_killed_worker_resumes_without_repeating_or_skipping_samples(ray_local, 
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    import cloudpickle
+    from ray import cloudpickle  # Ray pickles with its own vendored cloudpickle
 
     cloudpickle.register_pickle_by_value(train_helpers)  # the workers cannot import tests/
     metrics = run_training(cfg, step_callbacks=[PauseAtStep(str(pid_dir), step=7, rank=1, pause_s=120)])
