@@ -2,7 +2,7 @@
 # Run a command with proxy-aware clients sent to a loopback proxy trap (tests/net_trap.py) that logs
 # and refuses every connection: nothing the command starts (Ray's dashboard probing cloud metadata,
 # requests, botocore) can reach an address off this machine through a proxy-aware client. Loopback
-# and this host's own addresses stay direct (NO_PROXY). Used by `make quickstart`.
+# and this host's own addresses stay direct (NO_PROXY). Used by `make quickstart` and scripts/run_tests.sh.
 #   VENV=.venv bash scripts/run_trapped.sh .venv/bin/phantom-ray quickstart
 set -euo pipefail
 cd "$(dirname "$0")/.."
