@@ -136,9 +136,9 @@ class Engine(Protocol):
 
 def default_backend() -> str:
     """``vllm`` where vLLM (and our plugin) import, else ``torch``."""
-    from phantom_ray.infer.backends import vllm_available
+    from phantom_ray.infer.backends import resolve_backend
 
-    return "vllm" if vllm_available() else "torch"
+    return resolve_backend("auto")
 
 
 def load_engine(model_id: str, backend: str = "auto", **options) -> Engine:
