@@ -54,6 +54,12 @@ def ensure_distributed(backend: str = "gloo") -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # a group made by someone else (an in-process vLLM engine, a launcher that sets no env):
+        # DeepSpeed still reads the rank variables, so say what the group is
+        os.environ.setdefault("RANK", str(dist.get_rank()))
+        os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+        if dist.get_world_size() == 1:
+            os.environ.setdefault("LOCAL_RANK", "0")
         return
     if "MASTER_PORT" not in os.environ:
         with socket.socket() as s:
