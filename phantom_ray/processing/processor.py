@@ -472,13 +472,9 @@ class PhantomProcessor:
         ``image_repeat=2`` (the model repeats the image features for the rejected rows)."""
         if not pairs:
             raise ValueError("cannot collate an empty list of pairs")
-        for k, p in enumerate(pairs):
-            if p.chosen.num_tiles != p.rejected.num_tiles:
-                raise ValueError(f"pair {k}: chosen and rejected have different images ({p.chosen.num_tiles} vs "
-                                 f"{p.rejected.num_tiles} tiles)")
+        _check_pairs(pairs)
         batch = self.collate([p.chosen for p in pairs] + [p.rejected for p in pairs], padding_side)
-        pixel = [p.chosen.pixel_values for p in pairs if p.chosen.pixel_values is not None]
-        batch["pixel_values"] = (pixel[0] if len(pixel) == 1 else torch.cat(pixel, 0)) if pixel else None
+        batch["pixel_values"] = _cat_pixels([p.chosen for p in pairs])
         batch["image_repeat"] = 2
         return batch
 
@@ -504,10 +500,7 @@ class PhantomProcessor:
         rejected answer (``sample_index``). Rows are planned on max(chosen, rejected) length."""
         if not pairs:
             raise ValueError("cannot pack an empty list of pairs")
-        for k, p in enumerate(pairs):
-            if p.chosen.num_tiles != p.rejected.num_tiles:
-                raise ValueError(f"pair {k}: chosen and rejected have different images ({p.chosen.num_tiles} vs "
-                                 f"{p.rejected.num_tiles} tiles)")
+        _check_pairs(pairs)
         B = len(pairs)
         plan = plan_rows([max(len(p.chosen), len(p.rejected)) for p in pairs], max_tokens_per_row)
         rows = [[(pairs[i].chosen, i) for i in row] for row in plan]
@@ -589,3 +582,11 @@ def plan_rows(lengths: Sequence[int], max_tokens_per_row: int) -> list[list[int]
             rows.append([i])
             room.append(max_tokens_per_row - n)
     return rows
+
+
+def _check_pairs(pairs) -> None:
+    """Chosen and rejected answers of a pair share one image set (the features are computed once)."""
+    for k, p in enumerate(pairs):
+        if p.chosen.num_tiles != p.rejected.num_tiles:
+            raise ValueError(f"pair {k}: chosen and rejected have different images ({p.chosen.num_tiles} vs "
+                             f"{p.rejected.num_tiles} tiles)")
