@@ -445,15 +445,10 @@ class PhantomRecipe:
 
 def tokenizer_files(cfg: TrainConfig) -> dict[str, bytes]:
     """The tokenizer files of the model being trained, to save next to its weights."""
-    import tempfile
-
     from phantom_ray.processing import load_tokenizer
+    from phantom_ray.processing.tokenizers import tokenizer_files as files_of
 
-    tok = load_tokenizer(cfg.model.init_from or cfg.model.preset)
-    with tempfile.TemporaryDirectory() as d:
-        tok.save_pretrained(d)
-        return {name: open(os.path.join(d, name), "rb").read() for name in os.listdir(d)
-                if os.path.isfile(os.path.join(d, name))}
+    return files_of(load_tokenizer(cfg.model.init_from or cfg.model.preset))
 
 
 def read_trainer_states(directory: str) -> dict[int, dict]:
