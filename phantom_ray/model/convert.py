@@ -454,7 +454,7 @@ def init_checkpoint(size: str, output: str, source: str | None = None, vision: s
             "dtype": dtype, "added_tokens": dict(zip(added, added_ids)), "vocab_size": vocab,
             "source_vocab_rows": src_rows, "head_from_embedding": plan.head_from_embedding,
             "fresh": sorted({re.sub(r"\.layers\.\d+\.", ".layers.{i}.", k) for k in plan.fresh}), **counts}
-    extra = tokenizer_files(tok)
+    extra = tokenizer_files(tok, config)  # the one tokenizer save (with the chat template), as the training export
     for p in sorted(Path(tok_dir).iterdir()):
         if _TOKENIZER_CODE.match(p.name) and p.name not in extra:
             extra[p.name] = p.read_bytes()

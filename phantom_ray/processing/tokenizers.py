@@ -377,6 +377,39 @@ def load_tokenizer(path_or_preset: str, config: PhantomConfig | None = None):
     return tok
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def tokenizer_files(tokenizer, config: PhantomConfig) -> dict[str, bytes]:
+    """The files that go next to a model's weights: the tokenizer's own files plus Phantom's chat
+    template for ``config.template`` (``chat_template.jinja`` and the ``chat_template`` field of
+    ``tokenizer_config.json``, see :mod:`phantom_ray.processing.chat_template`).
+
+    The one way a tokenizer is saved with a model: the training export, ``model init`` and a
+    preset's materialised directory all pass these to ``save_pretrained(..., extra_files=...)``, so
+    every export builds Phantom's prompt in ``apply_chat_template``, ``vllm serve`` and Ray's LLM APIs."""
+    from phantom_ray.processing.chat_template import chat_template
+
+    check_image_token(tokenizer, config)
+    template = chat_template(config.template)
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        files = {name: (Path(d) / name).read_bytes() for name in os.listdir(d) if (Path(d) / name).is_file()}
+    cfg = json.loads(files.get("tokenizer_config.json", b"{}"))
+    cfg["chat_template"] = template  # readers that predate chat_template.jinja
+    files["tokenizer_config.json"] = (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode()
+    files[CHAT_TEMPLATE_FILE] = template.encode()
+    return files
+
+
+def save_tokenizer(tokenizer, config: PhantomConfig, directory: str | os.PathLike) -> None:
+    """Write :func:`tokenizer_files` into a local directory."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for name, data in tokenizer_files(tokenizer, config).items():
+        (d / name).write_bytes(data)
+
+
 @functools.cache
 def _register_phantom_config() -> None:
     """Tell transformers' AutoConfig that ``model_type: phantom`` (our config.json) exists.
@@ -482,10 +515,3 @@ def load_checkpoint_tokenizer(directory: str | os.PathLike, template: str):
         return _sentencepiece_from_dir(d, END_TOKENS[template])
     raise FileNotFoundError(f"{d}: no tokenizer (tokenizer.json, vocab.json + merges.txt or tokenizer.model)")
 
-
-def tokenizer_files(tok) -> dict[str, bytes]:
-    """The files ``tok`` writes next to a model, by name: what every export carries (the training
-    export and ``phantom-ray model init`` both save through this function)."""
-    with tempfile.TemporaryDirectory() as d:
-        tok.save_pretrained(d)
-        return {name: (Path(d) / name).read_bytes() for name in sorted(os.listdir(d)) if (Path(d) / name).is_file()}
