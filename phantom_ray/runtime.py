@@ -39,3 +39,42 @@ def init_ray(address: str | None = None, **kw: Any):
             kw.pop(key, None)
     ray.init(address=address, **kw)
     return ray
+
+
+def max_replicas(num_gpus: float, num_cpus: float) -> int | None:
+    """The most replicas asking ``num_gpus`` / ``num_cpus`` each that the running cluster can hold
+    once its autoscaler has added every node it may.
+
+    The ceiling comes from the autoscaler's cluster config where Ray exposes it (KubeRay and the
+    cluster launcher publish each node group's resources and max count; Ray Train and Ray Data read
+    the same figure), else from the resources the cluster has now (a fixed cluster, a local Ray).
+    ``None`` when a node group the replica fits on has no max count (the pool may grow without
+    bound). Always at least 1. Call after Ray is initialised.
+    """
+    import sys
+
+    import ray
+
+    limits: dict | None = None
+    try:
+        from ray._private import state as _state
+
+        limits = _state.state.get_max_resources_from_cluster_config()
+    except Exception as exc:  # an older Ray, or no GCS cluster config: fall back to the resources now
+        logging.getLogger(__name__).debug("no autoscaler cluster config (%s); using current resources", exc)
+    now = ray.cluster_resources()
+
+    def ceiling(key: str) -> float:
+        return max(float(now.get(key, 0)), float((limits or {}).get(key, 0) or 0))
+
+    counts = []
+    if num_gpus > 0:
+        counts.append(ceiling("GPU") / num_gpus)
+    if num_cpus > 0:
+        counts.append(ceiling("CPU") / num_cpus)
+    if not counts:
+        return 1
+    n = min(counts)
+    if n >= sys.maxsize / 2:
+        return None
+    return max(1, int(n + 1e-9))
