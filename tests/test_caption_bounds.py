@@ -56,3 +56,52 @@ def test_the_larger_of_now_and_the_autoscaler_max(cluster):
     # nodes started by hand beyond the autoscaler's groups still count
     cluster({"CPU": 64, "GPU": 16}, {"GPU": 8, "CPU": 64})
     assert max_replicas(num_gpus=1, num_cpus=1) == 16
+
+
+def _cfg(**kw):
+    from phantom_ray.caption.config import CaptionConfig
+
+    return CaptionConfig.from_dict({"input": "/tmp/in", "output": "/tmp/out", "model": "tiny-qwen2", **kw})
+
+
+def test_caption_default_max_replicas_follows_the_cluster(cluster):
+    from phantom_ray.caption.job import replica_bounds
+
+    cfg = _cfg()
+    assert cfg.max_replicas is None, "the default is the cluster's ceiling, not a fixed number"
+    cluster({"CPU": 0}, {"GPU": 32, "CPU": 1792})
+    assert replica_bounds(cfg, num_gpus=1, chunks=1000) == (1, 32)
+    assert replica_bounds(cfg, num_gpus=1, chunks=5) == (1, 5), "never more replicas than chunks"
+    cluster({"CPU": 8}, {"GPU": sys.maxsize, "CPU": sys.maxsize})
+    assert replica_bounds(cfg, num_gpus=1, chunks=7) == (1, 7)
+    # explicit bounds are kept as given
+    assert replica_bounds(_cfg(min_replicas=2, max_replicas=3), num_gpus=1, chunks=1000) == (2, 3)
+    cluster({"CPU": 2}, None)
+    assert replica_bounds(_cfg(min_replicas=2), num_gpus=0, chunks=1) == (2, 2), "min is honoured"
+
+
+def test_caption_cli_leaves_max_replicas_to_the_cluster():
+    import argparse
+
+    from phantom_ray.caption.cli import add_arguments, config_from_args
+
+    p = add_arguments(argparse.ArgumentParser())
+    args = p.parse_args(["--input", "/tmp/in", "--output", "/tmp/out", "--model", "tiny-qwen2"])
+    assert config_from_args(args).max_replicas is None
+    args = p.parse_args(["--input", "/tmp/in", "--output", "/tmp/out", "--model", "tiny-qwen2", "--max-replicas", "4"])
+    assert config_from_args(args).max_replicas == 4
+
+
+def test_the_caption_rayjob_passes_bounds_that_fill_its_gpu_group():
+    import cluster_files as cf
+
+    argv = cf.rayjob_argv("rayjob-caption.yaml")
+    low, high, gpus = (cf.option_value(argv, f) for f in ("--min-replicas", "--max-replicas", "--num-gpus"))
+    assert low is not None and high is not None and gpus is not None, "the RayJob passes explicit bounds"
+    spec = cf.manifest("rayjob-caption.yaml")["spec"]["rayClusterSpec"]
+    (group,) = [g for g in spec["workerGroupSpecs"] if g["groupName"] == "gpu-8xh100"]
+    (container,) = group["template"]["spec"]["containers"]
+    gpus_per_pod = int(container["resources"]["limits"]["nvidia.com/gpu"])
+    assert int(low) == 1 and group["minReplicas"] == 0, "start small: the autoscaler adds GPU pods as the pool grows"
+    assert int(high) == group["maxReplicas"] * gpus_per_pod / float(gpus), (
+        "--max-replicas is every GPU the group can grow to, divided by --num-gpus")
