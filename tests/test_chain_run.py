@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import shlex
 import os
 import socket
 import subprocess
@@ -69,7 +70,7 @@ def _run_job(client, entrypoint: list[str], runtime_env: dict, timeout: float, l
     from ray.job_submission import JobStatus
 
     t0 = time.time()
-    job_id = _submit(client, entrypoint=" ".join(entrypoint), runtime_env=runtime_env)
+    job_id = _submit(client, entrypoint=shlex.join(entrypoint), runtime_env=runtime_env)
     while time.time() - t0 < timeout:
         status = client.get_job_status(job_id)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
