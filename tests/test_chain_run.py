@@ -66,11 +66,14 @@ def _runtime_env(manifest_name: str | None, extra_env: dict) -> dict:
     return env
 
 
-def _run_job(client, entrypoint: list[str], runtime_env: dict, timeout: float, log: list) -> str:
+def _start_job(client, entrypoint: list[str], runtime_env: dict) -> tuple[str, list[str], float]:
+    return _submit(client, entrypoint=shlex.join(entrypoint), runtime_env=runtime_env), entrypoint, time.time()
+
+
+def _wait_job(client, started: tuple[str, list[str], float], timeout: float, log: list) -> str:
     from ray.job_submission import JobStatus
 
-    t0 = time.time()
-    job_id = _submit(client, entrypoint=shlex.join(entrypoint), runtime_env=runtime_env)
+    job_id, entrypoint, t0 = started
     while time.time() - t0 < timeout:
         status = client.get_job_status(job_id)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
@@ -81,8 +84,12 @@ def _run_job(client, entrypoint: list[str], runtime_env: dict, timeout: float, l
         status = "TIMEOUT"
     logs = client.get_job_logs(job_id)
     log.append((entrypoint[1], round(time.time() - t0, 1)))
-    assert status == "SUCCEEDED", f"{' '.join(entrypoint)}: {status}\n{logs[-4000:]}"
+    assert status == "SUCCEEDED", f"{shlex.join(entrypoint)}: {status}\n{logs[-4000:]}"
     return logs
+
+
+def _run_job(client, entrypoint: list[str], runtime_env: dict, timeout: float, log: list) -> str:
+    return _wait_job(client, _start_job(client, entrypoint, runtime_env), timeout, log)
 
 
 def _empty_bucket(bucket: str) -> None:
@@ -145,13 +152,15 @@ def test_the_shipped_chain_runs_end_to_end(s3_server, ray_head, tmp_path, monkey
     assert cf.option_value(init_argv, "--size") == SIZE
     source = write_internvl2(tmp_path / "InternVL2-8B-tiny", "internlm2")
     init_out = cf.option_value(init_argv, "--output")
-    _run_job(client, init_argv + ["--size", TINY, "--source", str(source)], _runtime_env("rayjob-init.yaml", extra_env),
-             300, timings)
+    # init and pack are independent (docs/cluster.md runs them side by side)
+    init_job = _start_job(client, init_argv + ["--size", TINY, "--source", str(source)],
+                          _runtime_env("rayjob-init.yaml", extra_env))
+    pack_job = _start_job(client, pack_argv, _runtime_env("rayjob-pack.yaml", extra_env))
+    _wait_job(client, init_job, 300, timings)
     assert _exists(init_out, "config.json")
-
-    # ---- pack
-    _run_job(client, pack_argv, _runtime_env("rayjob-pack.yaml", extra_env), 300, timings)
+    _wait_job(client, pack_job, 300, timings)
     pack_out = cf.option_value(pack_argv, "--output")
+    assert _exists(pack_out, "manifest.json"), "pack wrote no manifest"
 
     # ---- training step 1, then step 2 (the RayJob's substitution step1 -> step2)
     train_argv = cf.rayjob_argv("rayjob-train.yaml")
