@@ -207,7 +207,9 @@ def test_the_shipped_chain_runs_end_to_end(s3_server, ray_head, tmp_path, monkey
     (app,) = config["applications"]
     (model,) = [m for m in app["args"]["models"] if m["name"] == SIZE]
     assert model["checkpoint"] == model_uri
-    model.update(num_gpus=0, num_cpus=0.5, kv_cache_memory_bytes=32 * 2**20)
+    # resources: no GPU; a small KV cache instead of a GPU memory fraction; float32, as bfloat16 is the
+    # H100's precision and this CPU has no bf16 instructions for vLLM's CPU kernels
+    model.update(num_gpus=0, num_cpus=0.5, kv_cache_memory_bytes=32 * 2**20, dtype="float32")
     model.pop("gpu_memory_utilization", None)
     model["autoscaling_config"].update(min_replicas=1, max_replicas=1)
     app["args"]["models"] = [model]
