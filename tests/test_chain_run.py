@@ -11,7 +11,8 @@ Only these overrides are applied, as flags and dotted overrides the entry points
   two benchmarks whose synthetic files tests/eval_synthetic.py writes (a subset of the config's list),
   one of the four served sizes (the one this chain trained);
 - resources: CPU instead of GPU (num_gpus 0, use_gpu false, fractional CPUs, one replica, a small
-  vLLM KV cache instead of a GPU memory fraction), a free loopback port for Serve;
+  vLLM KV cache instead of a GPU memory fraction, float32 for the served model where an H100 runs
+  bfloat16), a free loopback port for Serve;
 - bucket endpoint: AWS_ENDPOINT_URL and keys of the moto server.
 Anything else a step needs is a defect of the shipped files.
 """
