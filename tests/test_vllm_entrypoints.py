@@ -183,8 +183,24 @@ def test_ray_serve_llm_build_openai_app_like_our_engine(export, reference, ray_l
         serve.shutdown()
 
 
+@pytest.fixture
+def ray_with_phantom_hook(ray_local):
+    """Ray Data LLM's CPU stages build a vLLM ``ModelConfig`` of the export in plain Ray workers,
+    where no vLLM engine has loaded our plugin: the job-level ``worker_process_setup_hook`` registers
+    it in every worker (docs/vllm.md). The session's local Ray is restarted with it, then restored."""
+    ray = ray_local
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"worker_process_setup_hook": "phantom_ray.vllm.register"})
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+
+
 @pytest.mark.timeout(240)
-def test_ray_data_llm_build_processor_captions_like_our_engine(export, reference, ray_local):
+def test_ray_data_llm_build_processor_captions_like_our_engine(export, reference, ray_with_phantom_hook):
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
