@@ -114,10 +114,13 @@ def test_canonical_uri_makes_every_spelling_one_key(tmp_path, monkeypatch):
                  str(real), str(real) + "/", "link", "link/", f"file://{real}", f"file://localhost{real}/",
                  f"file:{real}"]
     assert {storage.canonical_uri(s) for s in spellings} == {want}
-    s3 = ["s3://b/k/x", "s3://b//k/x", "s3://b/k/x/", "s3://b/k/./x", "s3://b/k/y/../x", "s3://b///k//x//"]
+    s3 = ["s3://b/k/x", "s3://b//k/x", "s3://b/k/x/", "s3://b///k//x//"]
     assert {storage.canonical_uri(s) for s in s3} == {"s3://b/k/x"}
     assert storage.canonical_uri("s3://b/") == storage.canonical_uri("s3://b") == "s3://b"
-    assert storage.canonical_uri("s3://b/../../k") == "s3://b/k"  # never above the bucket
+    # S3 keeps dot segments literally: refused, as ingest refuses them (one meaning everywhere)
+    for dotted in ("s3://b/k/./x", "s3://b/k/y/../x", "s3://b/../../k", "s3://b/k/%2e%2e/x"):
+        with pytest.raises(ValueError, match="segments"):
+            storage.canonical_uri(dotted)
     assert storage.canonical_uri("https://h/a/../b") == "https://h/a/../b"  # other URIs are not ours to rewrite
     with pytest.raises(ValueError):
         storage.canonical_uri("s3:///k")
@@ -245,7 +248,7 @@ def test_cli_and_job_parsers_accept_the_interface_flags():
     from phantom_ray.caption.cli import config_from_args
 
     argv = ["caption", "--input", "s3://b/images/", "--output", "s3://b//captions/", "--model", "tiny-qwen2",
-            "--prompt", "What is shown?", "--prompt-column", "question", "--max-new-tokens", "7", "--batch-size", "16",
+            "--prompt", "What is shown?", "--prompt-column", "question", "--max-tokens", "7", "--batch-size", "16",
             "--min-replicas", "1", "--max-replicas", "4", "--num-gpus", "0.5", "--format", "jsonl", "--engine", "torch",
             "--temperature", "0.7", "--seed", "3"]
     args = build_parser(argv).parse_args(argv)
@@ -343,7 +346,7 @@ def test_manifest_columns_carried_through_with_per_row_prompts(ray_local, tmp_pa
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = str(tmp_path / "out")
     summary = caption(_config(str(manifest), out, prompt_column="question", format="jsonl", shard_size=4))
-    assert summary["images"] == 6 and summary["errors_by_reason"] == {"missing_prompt": 1, "not_found": 1}
+    assert summary["images"] == 6 and summary["errors_by_reason"] == {"missing_image": 1, "missing_prompt": 1}
     got = _rows_by(out, "row_id")
     assert sorted(got) == [r["row_id"] for r in rows]
     for want, uri in zip(rows, uris + [None]):
@@ -352,7 +355,7 @@ def test_manifest_columns_carried_through_with_per_row_prompts(ray_local, tmp_pa
         assert set(r) == set(want) | set(ADDED_COLUMNS)
         if want["question"] and uri:
             assert r["error"] is None and r["caption"] == _reference(reference_engine, uri, want["question"])
-    assert got[999]["error"] == "not_found" and got[103]["error"] == "missing_prompt"
+    assert got[999]["error"] == "missing_image" and got[103]["error"] == "missing_prompt"
     assert all(p.endswith(".jsonl") for p in output_shards(out))
 
 
@@ -397,7 +400,7 @@ def test_worker_sigkill_mid_run_loses_and_duplicates_nothing(bucket):
 
 def _cli(input: str, output: str, shard_size: int, max_new: int = MAX_NEW, batch_size: int = 8) -> list[str]:
     return [sys.executable, "-m", "phantom_ray.cli", "caption", "--input", input, "--output", output,
-            "--model", "tiny-qwen2", "--engine", "torch", "--max-new-tokens", str(max_new), "--batch-size",
+            "--model", "tiny-qwen2", "--engine", "torch", "--max-tokens", str(max_new), "--batch-size",
             str(batch_size), "--shard-size", str(shard_size), "--num-gpus", "0", "--num-cpus", "1",
             "--max-pixels", str(MAX_PIXELS), "--no-progress"]
 

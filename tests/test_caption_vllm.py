@@ -34,7 +34,7 @@ def _config(input_dir: str, output: str, engine: str):
     from phantom_ray.cli import build_parser
 
     argv = ["caption", "--input", input_dir, "--output", output, "--model", "tiny-qwen2", "--engine", engine,
-            "--max-new-tokens", "8", "--batch-size", "4", "--num-gpus", "0", "--num-cpus", "1",
+            "--max-tokens", "8", "--batch-size", "4", "--num-gpus", "0", "--num-cpus", "1",
             "--max-pixels", str(96 * 96), "--no-progress"]
     return config_from_args(build_parser(argv).parse_args(argv))
 

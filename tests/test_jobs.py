@@ -115,7 +115,7 @@ def test_submit_training_and_captioning_jobs(ray_head, tmp_path, monkeypatch):
     cap_id = _submit(
         client,
         entrypoint=(f"python jobs/caption.py --input {images} --output {tmp_path / 'captions'} --model {export} "
-                    "--max-new-tokens 4 --batch-size 8 --num-gpus 0 --no-progress"),
+                    "--max-tokens 4 --batch-size 8 --num-gpus 0 --no-progress"),
         runtime_env=runtime_env)
     status = _wait(client, cap_id, 600)
     assert status == "SUCCEEDED", client.get_job_logs(cap_id)[-3000:]

@@ -58,9 +58,17 @@ class SamplingParams:
         return int.from_bytes(hashlib.sha256(f"{base}\0{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able settings (``stop`` a list): how they cross a process boundary and are recorded."""
         d = asdict(self)
         d["stop"] = list(self.stop)
         return d
+
+    @classmethod
+    def from_dict(cls, d: "dict[str, Any] | SamplingParams") -> "SamplingParams":
+        """The inverse of :meth:`to_dict` (an instance passes through): the one way back from a dict."""
+        if isinstance(d, cls):
+            return d
+        return cls(**{**d, "stop": tuple(d.get("stop") or ())})
 
     def replace(self, **changes) -> "SamplingParams":
         return replace(self, **changes)

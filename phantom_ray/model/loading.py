@@ -38,6 +38,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("PHANTOM_RAY_CACHE", Path.home() / ".cache" / "phantom_ray"))
 
 
+def is_hub_id(model_id: str) -> bool:
+    """True for a Hugging Face hub id (``org/name``) that is not a local path: the one hub-id guess
+    (the checkpoint and the tokenizer resolve a model id the same way)."""
+    s = str(model_id)
+    return (not s.startswith("s3://") and s.count("/") == 1 and not s.startswith((".", "/", "~"))
+            and not os.path.exists(os.path.expanduser(s)))
+
+
 def resolve_checkpoint(path_or_uri: str) -> Path:
     """Local directory for a local path, an ``s3://`` prefix (downloaded once) or a hub id."""
     if str(path_or_uri).startswith("s3://"):
@@ -68,7 +76,7 @@ def resolve_checkpoint(path_or_uri: str) -> Path:
         return p
     if p.exists():
         raise NotADirectoryError(f"{p} is a file; a checkpoint is a directory with config.json")
-    if str(path_or_uri).count("/") == 1 and not str(path_or_uri).startswith((".", "/")):
+    if is_hub_id(str(path_or_uri)):
         try:
             from huggingface_hub import snapshot_download
 
@@ -79,7 +87,7 @@ def resolve_checkpoint(path_or_uri: str) -> Path:
     raise FileNotFoundError(f"checkpoint {path_or_uri!r} is neither a local directory, an s3:// URI nor a hub id")
 
 
-def _remap_key(key: str) -> str:
+def remap_key(key: str) -> str:
     # defensive: InternVL names the projector mlp1 (docs/phantom.md#checkpoint-keys)
     return "vision_proj." + key[len("mlp1."):] if key.startswith("mlp1.") else key
 
@@ -97,7 +105,7 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         for k, v in load_file(str(directory / f)).items():
-            sd[_remap_key(k)] = v
+            sd[remap_key(k)] = v
     return sd
 
 

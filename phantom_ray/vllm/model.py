@@ -59,8 +59,8 @@ from phantom_ray.model.attention import AttnContext, build_context
 from phantom_ray.model.cache import PhantomCache
 from phantom_ray.model.config import PhantomConfig
 from phantom_ray.model.llm import PhantomLanguageModel
-from phantom_ray.model.loading import _remap_key
-from phantom_ray.model.rope import _rope_kind, rope_cos_sin
+from phantom_ray.model.loading import remap_key
+from phantom_ray.model.rope import rope_kind, rope_cos_sin
 from phantom_ray.model.vision import InternVisionModel, build_projector, pixel_shuffle
 from phantom_ray.processing.images import tile_pixel_values
 from phantom_ray.processing.processor import IMG_END, IMG_START
@@ -232,7 +232,7 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
                       prefix=f"{prefix + '.' if prefix else ''}paged_attn.{i}")
             for i in range(llm.num_hidden_layers)
         )
-        self.rope_kind = _rope_kind(llm)
+        self.rope_kind = rope_kind(llm)
         tokenizer_path = vllm_config.model_config.tokenizer
         from phantom_ray.processing.tokenizers import load_tokenizer
 
@@ -250,7 +250,7 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
         loaded: set[str] = set()
         unexpected: list[str] = []
         for name, w in weights:
-            name = _remap_key(name)
+            name = remap_key(name)
             if name not in params:
                 if name == head and self.pconfig.llm_config.tie_word_embeddings:
                     continue  # tied to the embedding
