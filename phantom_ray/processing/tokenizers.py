@@ -233,6 +233,17 @@ class SentencePieceTokenizer:
     def batch_decode(self, seqs, skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in seqs]
 
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """``tokenizer.model``, ``added_tokens.json`` and ``tokenizer_config.json`` (eos/pad): what
+        :func:`load_tokenizer` reads back into an equal tokenizer."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "tokenizer.model").write_bytes(self._proto)
+        (d / "added_tokens.json").write_text(json.dumps(self.added_tokens, indent=2))
+        cfg = {"eos_token": self.eos_token, "pad_token": self.pad_token, "padding_side": self.padding_side,
+               "added_tokens_decoder": {str(i): {"content": t, "special": True} for t, i in self.added_tokens.items()}}
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
 
 def _sentencepiece_from_dir(d: Path, template_end: str | None) -> SentencePieceTokenizer:
     added: dict[str, int] = {}
@@ -335,6 +346,39 @@ def load_tokenizer(path_or_preset: str, config: PhantomConfig | None = None):
     if config is not None:
         check_image_token(tok, config, where=src)
     return tok
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def tokenizer_files(tokenizer, config: PhantomConfig) -> dict[str, bytes]:
+    """The files that go next to a model's weights: the tokenizer's own files plus Phantom's chat
+    template for ``config.template`` (``chat_template.jinja`` and the ``chat_template`` field of
+    ``tokenizer_config.json``, see :mod:`phantom_ray.processing.chat_template`).
+
+    The one way a tokenizer is saved with a model: the training export, ``model init`` and a
+    preset's materialised directory all pass these to ``save_pretrained(..., extra_files=...)``, so
+    every export builds Phantom's prompt in ``apply_chat_template``, ``vllm serve`` and Ray's LLM APIs."""
+    from phantom_ray.processing.chat_template import chat_template
+
+    check_image_token(tokenizer, config)
+    template = chat_template(config.template)
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        files = {name: (Path(d) / name).read_bytes() for name in os.listdir(d) if (Path(d) / name).is_file()}
+    cfg = json.loads(files.get("tokenizer_config.json", b"{}"))
+    cfg["chat_template"] = template  # readers that predate chat_template.jinja
+    files["tokenizer_config.json"] = (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode()
+    files[CHAT_TEMPLATE_FILE] = template.encode()
+    return files
+
+
+def save_tokenizer(tokenizer, config: PhantomConfig, directory: str | os.PathLike) -> None:
+    """Write :func:`tokenizer_files` into a local directory."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for name, data in tokenizer_files(tokenizer, config).items():
+        (d / name).write_bytes(data)
 
 
 @functools.cache
