@@ -264,6 +264,21 @@ def test_cli_and_job_parsers_accept_the_interface_flags():
     assert config_from_args(job.build_parser().parse_args(argv[1:])) == cfg
 
 
+def test_the_old_max_new_tokens_flag_still_works_and_warns(capsys):
+    import argparse
+
+    from phantom_ray.caption.cli import add_arguments, config_from_args
+    from phantom_ray.cli import build_parser
+
+    argv = ["caption", "--input", "s3://b/images/", "--output", "s3://b/captions/", "--model", "tiny-qwen2"]
+    with pytest.warns(DeprecationWarning, match="--max-tokens"):
+        args = build_parser(argv).parse_args(argv + ["--max-new-tokens", "9"])
+    assert config_from_args(args).sampling.max_tokens == 9
+    assert "--max-new-tokens is deprecated; use --max-tokens" in capsys.readouterr().err
+    help_text = add_arguments(argparse.ArgumentParser()).format_help()
+    assert "--max-tokens" in help_text and "--max-new-tokens" not in help_text
+
+
 # ---- with Ray ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
