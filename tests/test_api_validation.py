@@ -18,7 +18,8 @@ from image_corpus import bad_images, good_images
 from phantom_ray.ingest import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from phantom_ray.serving.api import Frontend, create_api, largest_request_bytes
 from phantom_ray.serving.protocol import max_prompt_chars
-from serving_helpers import WorkerBackend, png_bytes, tiny_args
+from helpers import png_bytes
+from serving_helpers import WorkerBackend, tiny_args
 from phantom_ray.serving.worker import ModelWorker
 
 torch.set_num_threads(1)

@@ -20,14 +20,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import noise_png
 
 from phantom_ray import storage
 from phantom_ray.caption import ADDED_COLUMNS, CaptionConfig
@@ -45,10 +43,7 @@ BAD = {"zero.jpg": "empty_image", "garbage.png": "undecodable_image", "truncated
 
 def _image(i: int, fmt: str = "PNG", size: tuple[int, int] | None = None) -> bytes:
     w, h = size or (16 + (i * 7) % 40, 16 + (i * 11) % 30)
-    arr = np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, fmt)
-    return buf.getvalue()
+    return noise_png(i, w, h, fmt)
 
 
 def _write_images(root: str, n_good: int, bad: bool = True) -> list[str]:
@@ -97,7 +92,7 @@ def reference_engine():
 
 
 def _reference(engine, uri: str, prompt: str = PROMPT, max_new: int = MAX_NEW) -> str:
-    from engine_helpers import greedy_reference  # a direct model.generate on one image, no engine code
+    from helpers import greedy_reference  # a direct model.generate on one image, no engine code
 
     return greedy_reference(engine, storage.read_bytes(uri), prompt, max_new)
 

@@ -11,17 +11,13 @@ presets, recorded before they were deleted: the same requests must give the same
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from engine_helpers import greedy_reference
+from helpers import greedy_reference, noise_png
 from phantom_ray.infer import Engine, Request, SamplingParams, load_engine
 from phantom_ray.infer.torch_engine import TorchEngine
 from phantom_ray.model.generation import beam_search
@@ -29,13 +25,6 @@ from phantom_ray.processing import PhantomProcessor
 
 torch.set_num_threads(1)
 REFERENCE = json.loads((Path(__file__).parent / "data" / "engine_reference.json").read_text())
-
-
-def _png(seed: int, w: int, h: int) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def _load(preset: str = "tiny-qwen2") -> TorchEngine:
@@ -52,7 +41,7 @@ def engine():
 def _pairs(n: int = 12):
     prompts = ["Describe the image in detail.", "What colour dominates?", "Count the shapes, then explain."]
     # different sizes -> different tile counts -> different prompt lengths in one batch
-    return [(_png(i, 20 + 9 * (i % 5), 18 + 13 * (i % 4)), prompts[i % 3]) for i in range(n)]
+    return [(noise_png(i, 20 + 9 * (i % 5), 18 + 13 * (i % 4)), prompts[i % 3]) for i in range(n)]
 
 
 def _req(image, prompt: str, params: SamplingParams, key: str = "") -> Request:
@@ -96,7 +85,7 @@ def test_batched_greedy_equals_direct_generate_per_image(engine):
 
 def test_bad_images_become_error_results_without_stopping_the_batch(engine):
     good = _pairs(3)
-    truncated = _png(99, 30, 30)[:40]
+    truncated = noise_png(99, 30, 30)[:40]
     pairs = [good[0], (b"", "x"), (b"not an image at all", "x"), good[1], (truncated, "x"), good[2]]
     out = engine.generate(_reqs(pairs, SamplingParams(max_tokens=4)), batch_size=8)
     assert [o.error for o in out] == [None, "empty_image", "undecodable_image", None, "undecodable_image", None]
