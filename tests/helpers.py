@@ -59,6 +59,21 @@ def tiny_processor(config: Any = "tiny-qwen2", **kw):
     return PhantomProcessor(cfg, build_tiny_tokenizer(cfg.template), **kw)
 
 
+def assert_implements_engine(engine) -> None:
+    """``engine`` has every member of :class:`phantom_ray.infer.api.Engine` with the protocol's
+    parameters (``isinstance`` against a runtime-checkable Protocol only checks that names exist)."""
+    import inspect
+
+    from phantom_ray.infer.api import Engine
+
+    assert isinstance(engine.backend, str) and isinstance(engine.model_id, str)
+    for name in ("generate", "stream", "close"):
+        want = list(inspect.signature(getattr(Engine, name)).parameters)[1:]
+        got = list(inspect.signature(getattr(engine, name)).parameters)
+        assert got[:len(want)] == want, f"{type(engine).__name__}.{name}{got} does not take {want}"
+    assert inspect.isasyncgenfunction(engine.stream), "stream must be an async generator of Events"
+
+
 def greedy_reference(engine, image: Any, prompt: str, max_new_tokens: int) -> str:
     """Caption of one image by a direct ``model.generate`` call on a batch of one, prompt built by
     ``encode_prompt`` and decoded (stripped) by ``decode_generation``: no engine code involved."""

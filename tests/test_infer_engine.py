@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import greedy_reference, noise_png
-from phantom_ray.infer import Engine, Request, SamplingParams, load_engine
+from helpers import assert_implements_engine, greedy_reference, noise_png
+from phantom_ray.infer import Event, Generation, Request, SamplingParams, load_engine
 from phantom_ray.infer.torch_engine import TorchEngine
 from phantom_ray.model.generation import beam_search
 from phantom_ray.processing import PhantomProcessor
@@ -65,7 +65,17 @@ def test_preset_name_warns_random_weights():
 
 
 def test_engine_implements_the_interface(engine):
-    assert isinstance(engine, Engine) and engine.backend == "torch" and engine.model_id == "tiny-qwen2"
+    assert type(engine) is TorchEngine and engine.backend == "torch" and engine.model_id == "tiny-qwen2"
+    assert_implements_engine(engine)
+    [g] = engine.generate([Request.user("Hi", params=SamplingParams(max_tokens=2))])
+    assert isinstance(g, Generation) and g.error is None and g.completion_tokens >= 1
+
+    async def events():
+        return [e async for e in engine.stream(Request.user("Hi", params=SamplingParams(max_tokens=2)))]
+
+    got = asyncio.run(events())
+    assert all(isinstance(e, Event) for e in got) and got[-1].type == "done"
+    assert "".join(e.text for e in got if e.type == "delta") == g.text
 
 
 def test_batched_greedy_equals_direct_generate_per_image(engine):
