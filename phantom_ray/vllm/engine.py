@@ -71,9 +71,7 @@ class VLLMEngine:
         """``model_id``: a preset (random weights seeded by ``seed``, written once to the cache),
         a checkpoint directory, an ``s3://`` prefix or a hub id (see ``phantom_ray.loader``).
         ``vllm_options`` go to vLLM's engine arguments unchanged."""
-        from phantom_ray.loader import default_device, local_model_dir, resolve_dtype
-        from phantom_ray.model.config import PhantomConfig
-        from phantom_ray.processing import PhantomProcessor, load_tokenizer
+        from phantom_ray.loader import default_device, load_processor, local_model_dir, resolve_dtype
 
         if unused:
             log.debug("vllm engine ignores options %s", sorted(unused))
@@ -81,10 +79,8 @@ class VLLMEngine:
         # deployment that wants it sets VLLM_NO_USAGE_STATS=0 itself
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         d = local_model_dir(model_id, seed=seed)
-        config = PhantomConfig.from_json_file(Path(d) / "config.json")
-        tok = load_tokenizer(str(d), config)
-        processor = PhantomProcessor(config, tok, max_length=max_length,
-                                     **({"max_pixels": max_pixels} if max_pixels is not None else {}))
+        processor = load_processor(str(d), max_length, max_pixels)  # the one way to a model's processor
+        config = processor.config
         device = default_device()
         on_gpu = device == "cuda"
         args: dict[str, Any] = dict(
