@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from phantom_ray.model.convert import SizeMismatchError, init_checkpoint
+from phantom_ray.convert import SizeMismatchError, init_checkpoint
 from upstream_checkpoints import FAMILIES, TINY_SIZE, write_internvl2, write_vision_and_llm
 
 REPO = Path(__file__).resolve().parents[1]

@@ -38,7 +38,7 @@ INIT_EXAMPLE = ("phantom-ray model init --size phantom-0.5b --source OpenGVLab/I
 
 
 def _init(args: argparse.Namespace) -> int:
-    from phantom_ray.model.convert import init_checkpoint
+    from phantom_ray.convert import init_checkpoint
 
     res = init_checkpoint(args.size, args.output, source=args.source, vision=args.vision, llm=args.llm,
                           seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,

@@ -109,7 +109,7 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _expected_keys(model) -> set[str]:
+def expected_keys(model) -> set[str]:
     keys = set(model.state_dict().keys())
     if model.config.llm_config.tie_word_embeddings:
         keys.discard(f"language_model.{model.language_model._head_name}.weight")
@@ -117,7 +117,7 @@ def _expected_keys(model) -> set[str]:
 
 
 def check_keys(model, keys: set[str]) -> None:
-    expected = _expected_keys(model)
+    expected = expected_keys(model)
     missing, unexpected = sorted(expected - keys), sorted(keys - expected)
     if missing or unexpected:
         def show(ks):
@@ -178,7 +178,7 @@ def save_pretrained(model, directory: str, max_shard_bytes: int = 4 * 1024**3, e
         return
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in _expected_keys(model)}
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in expected_keys(model)}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k in sorted(sd):

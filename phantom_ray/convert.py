@@ -415,10 +415,10 @@ def init_checkpoint(size: str, output: str, source: str | None = None, vision: s
     # ---- tensors ---------------------------------------------------------------------------------
     with torch.device("meta"):
         model = PhantomForCausalLM(config, attn_implementation="sdpa")
-    from phantom_ray.model.loading import _expected_keys
+    from phantom_ray.model.loading import expected_keys
 
     target_shapes = {k: v.shape for k, v in model.state_dict().items()}
-    target_keys = sorted(_expected_keys(model))
+    target_keys = sorted(expected_keys(model))
     plan = build_plan(target_keys, sources, route, embed_name, head_name, config.llm_config.tie_word_embeddings)
     want_dtype = None if dtype == "source" else getattr(torch, dtype)
     sd: dict[str, torch.Tensor] = {}
