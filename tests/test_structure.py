@@ -5,7 +5,8 @@
 * every import points to the same layer of the map or a lower one, and no two top-level packages
   import each other in a loop; a package's ``cli.py`` (its verb) counts as an edge; ``infer/`` never
   imports ``vllm/`` (the backend registry names it);
-* no module imports another module's private (``_underscore``) name.
+* no module imports another module's private (``_underscore``) name;
+* no test module imports another test module.
 """
 
 from __future__ import annotations
@@ -155,6 +156,16 @@ def test_no_module_imports_another_modules_private_name():
                 offenders.append(f"{path.relative_to(REPO)}:{line}: from {module} import {', '.join(private)}")
     assert not offenders, "private names imported across modules (make them public or move them):\n" + \
         "\n".join(offenders)
+
+
+def test_no_test_module_imports_another_test_module():
+    """Shared test code lives in tests/helpers.py (or a topic helpers module), never in a test_*.py."""
+    offenders = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        for line, module, _ in _imports(path):
+            if module.split(".")[0].startswith("test_") or module.startswith("tests.test_"):
+                offenders.append(f"{path.relative_to(REPO)}:{line}: imports {module}")
+    assert not offenders, "\n".join(offenders)
 
 
 def test_the_checks_see_what_they_claim(tmp_path):
