@@ -324,3 +324,23 @@ def test_mixed_sampling_settings_share_a_batch_and_equal_each_alone(engine):
     assert [g.text for g in together] == [g.text for g in alone]
     assert [g.completion_tokens for g in together] == [g.completion_tokens for g in alone]
     assert together[3].completion_tokens <= 6
+
+
+def test_backends_are_found_by_name_through_the_registry(monkeypatch):
+    """``load_engine`` resolves ``ENGINES[name]`` ("module:Class") with importlib: a new backend is
+    one registry line, and infer never imports the vllm package itself."""
+    import phantom_ray.infer.api as api
+
+    assert api.engine_class("torch") is TorchEngine
+    assert api.ENGINES["vllm"] == "phantom_ray.vllm.engine:VLLMEngine"
+    with pytest.raises(ValueError, match="unknown engine backend 'tpu'"):
+        load_engine("tiny-qwen2", backend="tpu")
+
+    class Fake:
+        @classmethod
+        def load(cls, model_id, **options):
+            return (model_id, options)
+
+    monkeypatch.setitem(api.ENGINES, "fake", f"{__name__}:_FAKE_ENGINE")
+    monkeypatch.setitem(globals(), "_FAKE_ENGINE", Fake)
+    assert load_engine("m", backend="fake", dtype="float32") == ("m", {"dtype": "float32"})
