@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 __all__ = [
     "is_s3",
     "split_s3",
+    "parent",
     "s3_key_segments",
     "join",
     "basename",
@@ -101,6 +102,12 @@ def join(uri: str, *parts: str) -> str:
 
 def basename(uri: str) -> str:
     return str(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(uri: str) -> str:
+    """The directory holding a file: ``s3://b/a/x.json`` -> ``s3://b/a``; a local path made absolute."""
+    uri = str(uri).rstrip("/")
+    return uri.rsplit("/", 1)[0] if is_s3(uri) else os.path.dirname(os.path.abspath(uri))
 
 
 def storage_env() -> dict[str, str]:
