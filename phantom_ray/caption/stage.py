@@ -16,7 +16,9 @@ from typing import Any
 from phantom_ray import storage
 from phantom_ray.caption.config import ADDED_COLUMNS
 from phantom_ray.caption.plan import URI_COLUMN, chunk_uri, parquet_bytes, read_shard, shard_name, table_from_rows
-from phantom_ray.infer.api import SamplingParams
+from phantom_ray.errors import row_reason
+from phantom_ray.infer.api import Request, SamplingParams
+from phantom_ray.ingest import DEFAULT_LIMITS, ImageLimits, InputError, load_image
 
 METADATA_KEY = b"phantom_ray.caption"
 
@@ -76,7 +78,6 @@ class ChunkCaptioner:
     def __init__(self, job: dict, num_gpus: float = 0.0, torch_threads: int | None = None):
         import warnings
 
-        from phantom_ray.ingest import DEFAULT_LIMITS, ImageLimits
 
         if torch_threads:
             import torch
@@ -139,9 +140,6 @@ class ChunkCaptioner:
             return max(submitted, min(n, k))
 
         submitted = submit_upto(3 * bs)
-        from phantom_ray.infer.api import Request
-        from phantom_ray.errors import row_reason
-        from phantom_ray.ingest import InputError, load_image
 
         for start in range(0, n, bs):
             idx, reqs = [], []
