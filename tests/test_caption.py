@@ -274,6 +274,32 @@ def test_the_old_max_new_tokens_flag_still_works_and_warns(capsys):
     assert "--max-tokens" in help_text and "--max-new-tokens" not in help_text
 
 
+def test_worker_stage_in_process_writes_one_row_per_image(tmp_path, reference_engine):
+    """ChunkCaptioner without Ray (what each actor runs): every planned row once, corrupt images and
+    a missing file as error rows with the one vocabulary's reasons, captions equal a direct generate."""
+    from phantom_ray.caption.job import worker_job
+    from phantom_ray.caption.stage import ChunkCaptioner
+
+    uris = _write_images(str(tmp_path), 2)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"image_uri": u}) + "\n" for u in uris + [str(tmp_path / "gone.png")]))
+    cfg = _config(str(manifest), str(tmp_path / "out"), shard_size=64, io_threads=2)
+    plan = make_plan(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        worker = ChunkCaptioner(worker_job(cfg, "torch"))
+    counts = worker({"chunk": [0]})
+    assert counts["chunk"] == [0] and counts["rows"] == [plan["rows"]] == [len(uris) + 1]
+    rows = {r["image_uri"]: r for r in read_outputs(cfg.output)}
+    assert rows[str(tmp_path / "gone.png")]["error"] == "missing_image"
+    for name, reason in BAD.items():
+        [uri] = [u for u in uris if u.endswith(name)]
+        assert rows[uri]["error"] == reason and rows[uri]["caption"] is None, (name, rows[uri])
+    good = [u for u in uris if "/bad/" not in u]
+    assert all(rows[u]["caption"] == _reference(reference_engine, u) for u in good)
+    assert worker({"chunk": [0]})["written"] == [False]  # a retried task finds its shard: same rows
+
+
 # ---- with Ray ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
