@@ -69,7 +69,6 @@ REASONS: dict[str, Reason] = {r.code: r for r in (
     _r("prompt_exceeds_max_length", 400, "the prompt is longer than the processor's max_length"),
     _r("prompt_too_long", 400, "prompt + max_tokens over the engine's max_model_len"),
     _r("unsupported_parameter", 400, "a setting the engine does not offer (beam search on vllm)"),
-    _r("unsupported_prompt", 400, "a prompt the engine cannot serve (vllm: a system turn on Phi-3)"),
     _r("missing_prompt", 400, "captioning: the row's prompt column is empty or not text"),
     # the engine itself
     _r("generation_failed", 500, "the model raised while generating a batch"),
