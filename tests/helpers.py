@@ -1,5 +1,5 @@
-"""Helpers every kind of test uses, defined once: free ports, test images, a tiny processor, and the
-engine tests' independent reference. (Topic fixtures live next to their tests: ``serving_helpers``,
+"""Helpers every kind of test uses, defined once: free ports, test images, a tiny processor, the
+engine tests' independent reference, and Ray job submission (with conftest's ``ray_head``). (Topic fixtures live next to their tests: ``serving_helpers``,
 ``train_helpers``, ``eval_synthetic``, ``image_corpus``; ``net_trap`` is conftest's network trap.)
 No test module imports another test module: shared code goes here or into those."""
 
@@ -88,3 +88,33 @@ def greedy_reference(engine, image: Any, prompt: str, max_new_tokens: int) -> st
                              stop_token_ids=proc.stop_token_ids, pad_token_id=proc.pad_token_id)
     n = int(gen.lengths[0])
     return proc.decode_generation(gen.sequences[0, :n].tolist())
+
+
+def submit_job(client, **kwargs) -> str:
+    """``client.submit_job(**kwargs)``, retried while the head's job agent is still starting."""
+    import time
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as exc:  # the head's job agent starts a little after the dashboard
+            if "No available agent" not in str(exc) or time.time() > deadline:
+                raise
+            time.sleep(2)
+
+
+def wait_job(client, job_id: str, timeout: float) -> str:
+    """The job's final status (stopped and ``"TIMEOUT"`` after ``timeout`` s)."""
+    import time
+
+    from ray.job_submission import JobStatus
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status
+        time.sleep(2)
+    client.stop_job(job_id)
+    return "TIMEOUT"

@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 import cluster_files as cf
-from test_jobs import _submit, ray_head  # noqa: F401  (fixture: a separate local Ray head on loopback)
+from helpers import submit_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -70,7 +70,7 @@ def _run_job(client, entrypoint: list[str], runtime_env: dict, timeout: float, l
     from ray.job_submission import JobStatus
 
     t0 = time.time()
-    job_id = _submit(client, entrypoint=shlex.join(entrypoint), runtime_env=runtime_env)
+    job_id = submit_job(client, entrypoint=shlex.join(entrypoint), runtime_env=runtime_env)
     while time.time() - t0 < timeout:
         status = client.get_job_status(job_id)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
@@ -105,7 +105,7 @@ def _exists(uri: str, name: str) -> bool:
     return storage.exists(storage.join(uri, name))
 
 
-def test_the_shipped_chain_runs_end_to_end(s3_server, ray_head, tmp_path, monkeypatch):  # noqa: F811
+def test_the_shipped_chain_runs_end_to_end(s3_server, ray_head, tmp_path, monkeypatch):
     from ray.job_submission import JobSubmissionClient
 
     from phantom_ray import storage
