@@ -5,7 +5,6 @@ OpenAI's error shape; the server keeps answering afterwards."""
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +17,7 @@ from image_corpus import bad_images, good_images
 from phantom_ray.ingest import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from phantom_ray.serving.api import Frontend, create_api, largest_request_bytes
 from phantom_ray.serving.protocol import max_prompt_chars
-from helpers import png_bytes
+from helpers import data_uri, png_bytes
 from serving_helpers import WorkerBackend, tiny_args
 from phantom_ray.serving.worker import ModelWorker
 
@@ -81,10 +80,6 @@ def chat(content, **kw):
 
 def image(url):
     return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is it?"}]
-
-
-def data_uri(b: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(b).decode()
 
 
 def assert_error(resp, status, code):

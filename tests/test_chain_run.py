@@ -23,7 +23,6 @@ import io
 import json
 import shlex
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ import pytest
 import yaml
 
 import cluster_files as cf
-from helpers import submit_job
+from helpers import free_port, submit_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -49,12 +48,6 @@ TRAIN_OVERRIDES = [
     "scaling.num_workers=2", "scaling.use_gpu=false", "scaling.resources_per_worker={CPU: 0.25}",
     "run.max_steps=1", "run.report_every=1", "run.checkpoint_every=1",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _runtime_env(manifest_name: str | None, extra_env: dict) -> dict:
@@ -193,7 +186,7 @@ def test_the_shipped_chain_runs_end_to_end(s3_server, ray_head, tmp_path, monkey
 
     # ---- serve step 2's export (serve/gpu-cluster.yaml, the RayService's application), one request
     config = copy.deepcopy(cf.load_yaml(cf.SERVE_DIR / "gpu-cluster.yaml"))
-    port = _free_port()
+    port = free_port()
     config["http_options"].update(host="127.0.0.1", port=port)
     (app,) = config["applications"]
     (model,) = [m for m in app["args"]["models"] if m["name"] == SIZE]

@@ -6,7 +6,7 @@
   import each other in a loop; a package's ``cli.py`` (its verb) counts as an edge; ``infer/`` never
   imports ``vllm/`` (the backend registry names it);
 * no module imports another module's private (``_underscore``) name;
-* no test module imports another test module.
+* no test module imports another test module, or redefines a helper of tests/helpers.py.
 """
 
 from __future__ import annotations
@@ -165,6 +165,21 @@ def test_no_test_module_imports_another_test_module():
         for line, module, _ in _imports(path):
             if module.split(".")[0].startswith("test_") or module.startswith("tests.test_"):
                 offenders.append(f"{path.relative_to(REPO)}:{line}: imports {module}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_no_test_module_redefines_a_shared_helper():
+    """A function tests/helpers.py provides (``free_port``, ``png_bytes``, ...) is not written again,
+    with or without a leading underscore, in another file under tests/."""
+    shared = {n.name for n in ast.parse((REPO / "tests" / "helpers.py").read_text()).body
+              if isinstance(n, ast.FunctionDef)}
+    offenders = []
+    for path in sorted((REPO / "tests").glob("*.py")):
+        if path.name == "helpers.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.lstrip("_") in shared:
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}: def {node.name} (use helpers.{node.name.lstrip('_')})")
     assert not offenders, "\n".join(offenders)
 
 
