@@ -183,8 +183,6 @@ def llm_config_from(raw: dict, where: str) -> LLMConfig:
     d = _clean(dict(raw))
     d["architectures"] = raw.get("architectures")
     d["model_type"] = raw.get("model_type", "")
-    if d.get("use_sliding_window") is False:  # Qwen2 lists a window it does not use
-        d["sliding_window"] = None
     try:
         return LLMConfig.from_dict(d)
     except (ValueError, TypeError) as exc:
