@@ -90,7 +90,10 @@ def test_internvl2_key_by_key(tmp_path, family):
     assert cfg["max_dynamic_patch"] == 6  # Phantom's tiling (InternVL2 says 12)
     init = json.loads((tmp_path / "out" / "init.json").read_text())
     assert init["route"] == "internvl2" and init["seed"] == 3
-    assert (tmp_path / "out" / "chat_template.jinja").exists()  # saved as the training export saves
+    # saved as the training export saves (tokenizer_files): tokenizer, chat template, stop tokens
+    tokenizer_file = "tokenizer.model" if family == "internlm2" else "tokenizer.json"
+    for name in ("chat_template.jinja", "generation_config.json", tokenizer_file, "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).exists(), name
 
 
 @pytest.mark.parametrize("family", FAMILIES)
