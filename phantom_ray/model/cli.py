@@ -69,7 +69,8 @@ def add_init_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh phantom modules (and projector)")
     p.add_argument("--dtype", default="source", choices=("source", "float32", "bfloat16", "float16"),
                    help="dtype of the written tensors (default: as the source stores them)")
-    p.add_argument("--max-shard-gb", type=float, default=4.0, help="safetensors shard size")
+    p.add_argument("--max-shard-gb", type=float, default=2.0,
+                   help="safetensors shard size; the writer holds one shard's bytes next to the model")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at --output")
     add_verbose_flag(p)
     p.set_defaults(func=_init)
