@@ -23,12 +23,15 @@ PIL/numpy): the prompt carries ``<img></img>`` per image and vLLM expands it to
 ``<img>`` + ``<IMG_CONTEXT>`` x (tiles x tokens per tile) + ``</img>``, the layout of
 ``PhantomProcessor``. The vision side (InternViT, pixel shuffle, ``vision_proj``) is our module.
 
-Limits: tensor/pipeline parallel size 1 (our ``nn.Linear`` layers are not sharded); no LoRA.
+Limits: tensor/pipeline parallel size 1 (our ``nn.Linear`` layers are not sharded); a LoRA adapter
+saved next to the weights (an unmerged training export, :mod:`phantom_ray.model.adapters`) is merged
+into them at load, as the torch loader does; vLLM's own per-request LoRA is not wired up.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 
@@ -55,6 +58,7 @@ from vllm.multimodal.processing import (
 from vllm.sequence import IntermediateTensors
 
 from phantom_ray.model import attention as phantom_attn
+from phantom_ray.model.adapters import PEFT_PREFIX, adapter_deltas, has_adapter, merge_lora_weight
 from phantom_ray.model.attention import AttnContext, build_context
 from phantom_ray.model.cache import PhantomCache
 from phantom_ray.model.config import PhantomConfig
@@ -241,6 +245,7 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
                                  else phantom_token_id(pc, load_tokenizer(tokenizer_path, pc)))
         self._phantom_states: list | None = None
         self._step_ids: torch.Tensor | None = None
+        self._model_dir = vllm_config.model_config.model  # a LoRA adapter next to the weights is merged at load
 
     # ---- weights ---------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -249,8 +254,16 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
         head = f"language_model.{self.language_model._head_name}.weight"
         loaded: set[str] = set()
         unexpected: list[str] = []
+        deltas, scaling = {}, 1.0
+        if os.path.isdir(str(self._model_dir)) and has_adapter(self._model_dir):  # an unmerged LoRA export
+            _, deltas, scaling = adapter_deltas(self._model_dir)
         for name, w in weights:
+            if name.startswith(PEFT_PREFIX):
+                continue  # vLLM globs adapter_model.safetensors with the weights: merged from there above
             name = _remap_key(name)
+            if name in deltas:  # the torch loader's merge, on the checkpoint tensor, before the cast
+                a, b = deltas.pop(name)
+                w = merge_lora_weight(w, a, b, scaling)
             if name not in params:
                 if name == head and self.pconfig.llm_config.tie_word_embeddings:
                     continue  # tied to the embedding
@@ -263,6 +276,9 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
                 p.copy_(w)
             loaded.add(name)
         missing = sorted(expected - loaded)
+        if deltas:
+            raise ValueError(f"{self._model_dir}: the LoRA adapter adapts weights the checkpoint does not have: "
+                             f"{sorted(deltas)[:5]}")
         if missing or unexpected:
             raise ValueError(f"checkpoint keys do not match the Phantom model: missing {missing[:20]}, "
                              f"unexpected {unexpected[:20]}")
