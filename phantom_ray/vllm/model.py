@@ -62,7 +62,7 @@ from phantom_ray.model.adapters import PEFT_PREFIX, adapter_deltas, has_adapter,
 from phantom_ray.model.attention import AttnContext, build_context
 from phantom_ray.model.cache import PhantomCache
 from phantom_ray.model.config import PhantomConfig
-from phantom_ray.model.llm import PhantomLanguageModel
+from phantom_ray.model.llm import LMHead, PhantomLanguageModel
 from phantom_ray.model.loading import _remap_key
 from phantom_ray.model.rope import _rope_kind, rope_cos_sin
 from phantom_ray.model.vision import InternVisionModel, build_projector, pixel_shuffle
@@ -296,7 +296,7 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
         for m in self.language_model.modules():
-            if type(m) is not nn.Linear or m.weight.shape[0] < 64:  # tiny gate projections: plain torch
+            if type(m) not in (nn.Linear, LMHead) or m.weight.shape[0] < 64:  # tiny gate projections: plain torch
                 continue
             dispatch_cpu_unquantized_gemm(m, remove_weight=False)
             m.forward = _packed_forward(m)
