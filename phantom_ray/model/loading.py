@@ -132,9 +132,16 @@ def check_keys(model, keys: set[str]) -> None:
 
 
 def from_pretrained(path_or_uri: str, dtype: torch.dtype | str | None = None, attn_implementation: str | None = "sdpa",
-                    device: str | torch.device = "cpu", load_in_8bit: bool = False, **config_overrides):
+                    device: str | torch.device = "cpu", load_in_8bit: bool = False, adapter: str = "merge",
+                    **config_overrides):
+    """``adapter``: a LoRA adapter saved next to the weights (an unmerged training export,
+    :mod:`phantom_ray.model.adapters`) is merged into them (``"merge"``, the default: the model as
+    trained), or left out on purpose (``"skip"``: the base weights, e.g. for peft to wrap)."""
+    from phantom_ray.model.adapters import has_adapter, merge_adapter_into
     from phantom_ray.model.modeling import PhantomForCausalLM
 
+    if adapter not in ("merge", "skip"):
+        raise ValueError(f"adapter={adapter!r}: expected 'merge' or 'skip'")
     directory = resolve_checkpoint(str(path_or_uri))
     config = PhantomConfig.from_json_file(directory / "config.json")
     for k, v in config_overrides.items():
@@ -145,6 +152,8 @@ def from_pretrained(path_or_uri: str, dtype: torch.dtype | str | None = None, at
         model = PhantomForCausalLM(config, attn_implementation=attn_implementation)
     sd = read_state_dict(directory)
     check_keys(model, set(sd))
+    if adapter == "merge" and has_adapter(directory):
+        merge_adapter_into(sd, directory)  # in the checkpoint's dtype (fp32 exports), before any cast
     for k, v in sd.items():
         if dtype is not None and v.is_floating_point():
             sd[k] = v.to(dtype)
