@@ -45,11 +45,11 @@ def test_fused_head_loss_under_zero3_equals_plain_loss(tmp_path, packed):
         from phantom_ray.model import PhantomConfig
         from phantom_ray.processing import PhantomProcessor, load_tokenizer
 
-        from test_packing import _pairs
+        from train_helpers import po_pairs
 
         pc = PhantomConfig.from_preset("tiny-qwen2")
         proc = PhantomProcessor(pc, load_tokenizer("tiny-qwen2", pc), max_length=256)
-        batch = proc.pack_pairs(_pairs(proc, 3, seed=2), 400)
+        batch = proc.pack_pairs(po_pairs(proc, 3, seed=2), 400)
 
     def cfg(stage, fused):
         return tiny_cfg(tmp_path, recipe={"step": 2}, loss={"fused_head": fused, "chunk_tokens": 5},
