@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 import cluster_files as cf
-from helpers import free_port, submit_job
+from helpers import free_port, submit_job, wait_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -64,18 +64,10 @@ def _start_job(client, entrypoint: list[str], runtime_env: dict) -> tuple[str, l
     return submit_job(client, entrypoint=shlex.join(entrypoint), runtime_env=runtime_env), entrypoint, time.time()
 
 
-def _wait_job(client, started: tuple[str, list[str], float], timeout: float, log: list) -> str:
-    from ray.job_submission import JobStatus
-
+def _finish_job(client, started: tuple[str, list[str], float], timeout: float, log: list) -> str:
+    """Wait for a started job (helpers.wait_job), record its time, fail with its log tail."""
     job_id, entrypoint, t0 = started
-    while time.time() - t0 < timeout:
-        status = client.get_job_status(job_id)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            break
-        time.sleep(1)
-    else:
-        client.stop_job(job_id)
-        status = "TIMEOUT"
+    status = wait_job(client, job_id, max(1.0, timeout - (time.time() - t0)))
     logs = client.get_job_logs(job_id)
     log.append((entrypoint[1], round(time.time() - t0, 1)))
     assert status == "SUCCEEDED", f"{shlex.join(entrypoint)}: {status}\n{logs[-4000:]}"
@@ -83,7 +75,7 @@ def _wait_job(client, started: tuple[str, list[str], float], timeout: float, log
 
 
 def _run_job(client, entrypoint: list[str], runtime_env: dict, timeout: float, log: list) -> str:
-    return _wait_job(client, _start_job(client, entrypoint, runtime_env), timeout, log)
+    return _finish_job(client, _start_job(client, entrypoint, runtime_env), timeout, log)
 
 
 def _empty_bucket(bucket: str) -> None:
@@ -150,9 +142,9 @@ def test_the_shipped_chain_runs_end_to_end(s3_server, ray_head, tmp_path, monkey
     init_job = _start_job(client, init_argv + ["--size", TINY, "--source", str(source)],
                           _runtime_env("rayjob-init.yaml", extra_env))
     pack_job = _start_job(client, pack_argv, _runtime_env("rayjob-pack.yaml", extra_env))
-    _wait_job(client, init_job, 300, timings)
+    _finish_job(client, init_job, 300, timings)
     assert _exists(init_out, "config.json")
-    _wait_job(client, pack_job, 300, timings)
+    _finish_job(client, pack_job, 300, timings)
     pack_out = cf.option_value(pack_argv, "--output")
     assert _exists(pack_out, "manifest.json"), "pack wrote no manifest"
 
