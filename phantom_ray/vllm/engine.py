@@ -3,8 +3,14 @@
 Prompts are built by our processor (chat template, tiling), exactly as the torch engine builds
 them, and handed to vLLM as token ids (with ``<img></img>`` per image, which vLLM's multimodal
 processor expands with the same tiling: see :mod:`phantom_ray.vllm.inputs`). Generated token ids
-are turned into text by the torch engine's own per-token logic (stop tokens, stop strings,
-streaming deltas), so greedy results are the same text for both backends.
+are turned into text by the engine core both backends compose (:class:`phantom_ray.infer.core.TextStream`:
+stop tokens, stop strings, UTF-8 hold-back, streaming deltas), so greedy results are the same text
+for both backends.
+
+Why this adapter lives in ``phantom_ray/vllm/`` and not in ``phantom_ray/infer/``: it imports vLLM,
+and ``infer`` is the layer below every backend (it never imports ``vllm``). ``load_engine`` finds it
+by name through the registry in :mod:`phantom_ray.infer.api` (``"vllm":
+"phantom_ray.vllm.engine:VLLMEngine"``), the way vLLM's own ``ModelRegistry`` finds our model.
 
 * :meth:`VLLMEngine.generate`: a batch through ``vllm.LLM`` (continuous batching inside one call).
 * :meth:`VLLMEngine.stream`: one request through vLLM's ``AsyncLLM``; concurrent streams share
@@ -31,7 +37,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 from phantom_ray.infer.api import Event, Generation, Request, SamplingParams
-from phantom_ray.infer.torch_engine import NullMetrics, TorchEngine, _Row, error_event, failed
+from phantom_ray.infer.core import NullMetrics, TextStream, error_event, error_generation
 from phantom_ray.processing import ProcessingError, Sample
 from phantom_ray.processing.errors import SampleError
 from phantom_ray.vllm.inputs import phantom_token_id, vllm_prompt
@@ -47,13 +53,6 @@ def _default_dtype() -> str:
 
 class VLLMEngine:
     backend = "vllm"
-
-    # the torch engine's token -> text logic, reused so both backends give the same text and events
-    _step = TorchEngine._step
-    _emit = TorchEngine._emit
-    _send = TorchEngine._send
-    _finish = TorchEngine._finish
-    _decoded = TorchEngine._decoded
 
     def __init__(self, model_dir: str | Path, processor, *, model_id: str | None = None,
                  engine_args: dict[str, Any] | None = None, metrics=None):
@@ -178,37 +177,34 @@ class VLLMEngine:
             detokenize=bool(params.stop),
         )
 
-    def _replay(self, row: _Row, token_ids: Sequence[int]) -> None:
-        stops = set() if row.params.ignore_eos else set(self.processor.stop_token_ids)
-        for tok in token_ids:
-            if row.done:
-                break
-            self._step(row, int(tok), stops)
+    def text_stream(self, sample: Sample, params: SamplingParams, key: str, sink=None) -> TextStream:
+        """The per-request text stream of a prepared prompt (see :mod:`phantom_ray.infer.core`)."""
+        stops = frozenset() if params.ignore_eos else frozenset(self.processor.stop_token_ids)
+        return TextStream(params, key, self.processor.decode, stops, prompt_tokens=len(sample),
+                          num_tiles=sum(sample.num_tiles), sink=sink, metrics=self.metrics, prompt=sample)
 
     # ---- batch generation --------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request], **_unused) -> list[Generation]:
         """One Generation per request, in order; a request that cannot be served gives an error row."""
-        rows: list[tuple[int, _Row, list]] = []
+        rows: list[tuple[int, TextStream, list]] = []
         out: list[Generation | None] = [None] * len(requests)
         for i, r in enumerate(requests):
             try:
                 sample = self.prepare(r)
             except ProcessingError as exc:
-                out[i] = failed(exc)
+                out[i] = error_generation(exc)
                 continue
-            rows.append((i, _Row(sample, r.params, r.key or str(i)), list(r.images)))
+            rows.append((i, self.text_stream(sample, r.params, r.key or str(i)), list(r.images)))
         if rows:
             llm = self._sync_engine()
-            prompts = [vllm_prompt(self.processor, row.sample, ims) for _, row, ims in rows]
+            prompts = [vllm_prompt(self.processor, row.prompt, ims) for _, row, ims in rows]
             params = [self._vllm_params(row.params, row.key) for _, row, _ in rows]
             results = llm.generate(prompts, params, use_tqdm=False)
             for (i, row, _), res in zip(rows, results):
-                self._replay(row, res.outputs[0].token_ids)
+                row.add_tokens(res.outputs[0].token_ids)
                 if not row.done:
-                    self._finish(row, "length")
-                out[i] = Generation(text=row.text, finish_reason=row.finish_reason, prompt_tokens=len(row.sample),
-                                    completion_tokens=row.completion_tokens, num_tiles=sum(row.sample.num_tiles),
-                                    latency_s=time.monotonic() - row.submitted)
+                    row.finish("length")
+                out[i] = row.generation()
         return out  # type: ignore[return-value]
 
     # ---- streaming ---------------------------------------------------------------------------------
@@ -222,16 +218,16 @@ class VLLMEngine:
             return
         engine = self._async_engine()
         events: list[Event] = []
-        row = _Row(sample, request.params, request.key or f"stream-{next(self._ids)}", sink=events.append)
+        row = self.text_stream(sample, request.params, request.key or f"stream-{next(self._ids)}", sink=events.append)
         rid = f"phantom-{os.getpid()}-{next(self._ids)}"
         prompt = vllm_prompt(self.processor, sample, list(request.images))
         vllm_done = False
         try:
             async for res in engine.generate(prompt, self._vllm_params(row.params, row.key, delta=True), rid):
                 vllm_done = res.finished
-                self._replay(row, res.outputs[0].token_ids)
+                row.add_tokens(res.outputs[0].token_ids)
                 if res.finished and not row.done:
-                    self._finish(row, "length")
+                    row.finish("length")
                 while events:
                     yield events.pop(0)
                 if row.done:
