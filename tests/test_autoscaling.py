@@ -214,3 +214,192 @@ def test_a_node_killed_mid_captioning_loses_and_duplicates_nothing(cluster, imag
     seen = set().union(*node_ids)
     assert killed["node"] not in set().union(*node_ids[-3:]), "the killed node is still listed alive"
     assert seen - before, "the autoscaler never started a replacement node"
+
+
+# ---- serving -------------------------------------------------------------------------------------
+
+APP = "phantom-autoscale"
+MODEL = "tiny-qwen2"
+
+
+def _serve_args():
+    from phantom_ray.serving.config import ServeArgs
+
+    # one replica per worker node (0.9 + the ingress' 0.1 fill the first node); Serve's autoscaler
+    # aims at one ongoing request per replica, decides every 0.5 s and scales down after 3 s idle
+    model = {"name": MODEL, "checkpoint": MODEL, "engine": "torch", "dtype": "float32", "num_cpus": 0.9,
+             "torch_num_threads": 1, "max_ongoing_requests": 4, "max_queued_requests": -1, "max_batch_size": 4,
+             "batch_wait_timeout_s": 0.01, "max_prompt_tokens": 256, "max_tokens_limit": 64,
+             "default_max_tokens": 8,
+             "autoscaling_config": {"min_replicas": 1, "max_replicas": MAX_WORKERS, "target_ongoing_requests": 1,
+                                    "upscale_delay_s": 0.5, "downscale_delay_s": 3, "metrics_interval_s": 0.5,
+                                    "look_back_period_s": 2}}
+    return ServeArgs.model_validate({"models": [model], "api_keys_env": None, "ingress_num_cpus": 0.1})
+
+
+def _replicas() -> dict:
+    from ray import serve
+
+    from phantom_ray.serving.config import deployment_name
+
+    app = serve.status().applications.get(APP)
+    if app is None or deployment_name(MODEL) not in app.deployments:
+        return {}
+    return {str(k.value if hasattr(k, "value") else k): v
+            for k, v in app.deployments[deployment_name(MODEL)].replica_states.items() if v}
+
+
+def _running() -> int:
+    return _replicas().get("RUNNING", 0)
+
+
+@pytest.mark.timeout(300)
+def test_serving_scales_replicas_and_nodes_with_load_and_back_without_failing_a_request(cluster):
+    import socket
+
+    import httpx
+    from ray import serve
+
+    from phantom_ray.serving.app import build_app
+
+    _no_worker_nodes(cluster)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    statuses: list[tuple[str, int]] = []  # (phase, HTTP status) of every request
+    phase = {"now": "start"}
+    stop = threading.Event()
+
+    def ask(client: httpx.Client, i: int) -> None:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"request {i}: what is shown?"}],
+                "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+        try:
+            r = client.post(f"{base}/v1/chat/completions", json=body, timeout=120)
+            statuses.append((phase["now"], r.status_code))
+        except httpx.HTTPError as exc:  # a dropped connection counts as a failure too
+            statuses.append((phase["now"], 599))
+            print(f"request {i} failed: {exc!r}")
+
+    def user(k: int, burst: threading.Event) -> None:
+        with httpx.Client() as client:
+            i = 0
+            while not stop.is_set():
+                if k > 0 and not burst.is_set():  # outside the burst only one user keeps asking
+                    time.sleep(0.1)
+                    continue
+                ask(client, k * 100000 + i)
+                i += 1
+
+    with Sampler(extra=_replicas) as s:
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+        serve.run(build_app(_serve_args()), name=APP, route_prefix="/", blocking=False)
+        _wait_for(lambda: _running() == 1, 180, "the first replica")
+        _wait_for(lambda: httpx.get(f"{base}/v1/models", timeout=5).status_code == 200, 60, "the HTTP route")
+        burst = threading.Event()
+        users = [threading.Thread(target=user, args=(k, burst), daemon=True) for k in range(8)]
+        for t in users:
+            t.start()
+        try:
+            time.sleep(2)
+            phase["now"] = "burst"
+            burst.set()  # a bounded burst: 8 concurrent users until 3 replicas serve, at most 150 s
+            _wait_for(lambda: _running() == MAX_WORKERS, 150, "3 running replicas")
+            time.sleep(3)
+            burst.clear()
+            phase["now"] = "scale-down"  # one user keeps asking while the extra replicas drain and stop
+            _wait_for(lambda: _replicas() == {"RUNNING": 1}, 90, "scale-down to one replica")
+            time.sleep(2)
+        finally:
+            stop.set()
+            for t in users:
+                t.join(timeout=130)
+        phase["now"] = "idle"
+        nodes_at_min = len(cluster.worker_nodes())
+        serve.shutdown()
+        _no_worker_nodes(cluster)
+    print("\n" + s.format("serving (replica states)"))
+    by_phase = {p: sorted({c for q, c in statuses if q == p}) for p in ("start", "burst", "scale-down")}
+    counts = {p: sum(1 for q, _ in statuses if q == p) for p in ("start", "burst", "scale-down")}
+    print(f"requests per phase {counts}, HTTP statuses {by_phase}; worker nodes at one replica: {nodes_at_min}")
+    assert all(c == 200 for _, c in statuses), by_phase
+    assert counts["burst"] > 0 and counts["scale-down"] > 0
+    nodes = [n for _, n, _ in s.samples if n >= 0]
+    assert max(nodes) == MAX_WORKERS, "the burst did not add worker nodes"
+    assert nodes_at_min < MAX_WORKERS, "no node was released after the scale-down"
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+@pytest.mark.timeout(420)
+def test_training_survives_a_node_loss_and_keeps_its_data_position(cluster, s3_server, tmp_path, caplog):
+    import logging
+
+    from ray import cloudpickle
+
+    import train_helpers
+    from phantom_ray.train.config import TrainConfig
+    from phantom_ray.train.ray_trainer import list_checkpoints, run_training
+    from phantom_ray.train.recipe import read_trainer_states
+
+    import boto3
+
+    bucket = f"scale-train-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # 96 pairs, 2 workers x 4 per batch: 12 steps; checkpoints at 4, 8, 12; the node of rank 1 is killed at step 6
+    cfg = TrainConfig.from_yaml(os.path.join(repo, "configs/train/tiny-cpu.yaml"), overrides=[
+        f"data.shards=s3://{bucket}/packed", f"data.val_shards=s3://{bucket}/packed-val",
+        f"run.storage_path=s3://{bucket}/runs", "run.name=node-loss", "synth.num_samples=96", "run.epochs=1",
+        "data.batch_size=4", "run.checkpoint_every=4", "run.report_every=1", "run.val_every=null",
+        "run.max_failures=2", "run.num_to_keep=null", "data.preprocess_num_cpus=0.25", "data.read_num_cpus=0.25",
+        # one Ray Train worker per worker node (each node has one worker_slot), as one per GPU on a real cluster
+        "scaling.resources_per_worker={CPU: 0.5, worker_slot: 1}"])
+    _no_worker_nodes(cluster)
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    killed: dict = {}
+
+    def killer():
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and not killed:
+            marker = pid_dir / "rank1.pid"
+            if marker.exists():
+                pid = int(marker.read_text())
+                node = cluster.node_of_pid(pid)
+                killed.update(node=node, pids=cluster.kill_node(node), t=time.monotonic())
+            time.sleep(0.2)
+
+    node_ids: list[set[str]] = []
+
+    def nodes():
+        ids = {n["NodeID"] for n in cluster.worker_nodes()}
+        node_ids.append(ids)
+        return sorted(i[-2:] for i in ids)
+
+    nodes.__name__ = "node ids"
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    cloudpickle.register_pickle_by_value(train_helpers)  # the workers cannot import tests/
+    caplog.set_level(logging.INFO, logger="phantom_ray.train.ray_trainer")
+    with Sampler(extra=nodes) as s:
+        t0 = time.monotonic()
+        metrics = run_training(cfg, step_callbacks=[train_helpers.PauseAtStep(str(pid_dir), step=6, rank=1,
+                                                                              pause_s=120)])
+        t_run = time.monotonic() - t0
+    t.join(timeout=5)
+    resumes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming")]
+    print("\n" + s.format("training, a node killed"))
+    print(f"run {t_run:.1f}s; killed node {killed.get('node')} at step 6; {resumes}")
+    assert killed, "the node of rank 1 was never killed"
+    assert metrics["failures"] == 1 and metrics["step"] == 12
+    assert len(resumes) == 1 and "(step 4," in resumes[0], resumes
+    ckpts = list_checkpoints(cfg)
+    assert [c["step"] for c in ckpts] == [4, 8, 12]
+    consumed = []
+    for sid in read_trainer_states(storage.download_dir(ckpts[-1]["uri"], str(tmp_path / "final"))).values():
+        consumed.extend(sid["consumed"])
+    assert len(consumed) == len(set(consumed)) == 96, "a sample was seen twice or skipped in the epoch"
+    after = set().union(*[ids for ids in node_ids[-5:]])
+    assert killed["node"] not in after
+    assert len(set().union(*node_ids)) > 2, "no replacement node was started"
