@@ -295,7 +295,14 @@ def test_serving_scales_replicas_and_nodes_with_load_and_back_without_failing_a_
         serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
         serve.run(build_app(_serve_args()), name=APP, route_prefix="/", blocking=False)
         _wait_for(lambda: _running() == 1, 180, "the first replica")
-        _wait_for(lambda: httpx.get(f"{base}/v1/models", timeout=5).status_code == 200, 60, "the HTTP route")
+
+        def route_up() -> bool:
+            try:
+                return httpx.get(f"{base}/v1/models", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait_for(route_up, 60, "the HTTP route")
         burst = threading.Event()
         users = [threading.Thread(target=user, args=(k, burst), daemon=True) for k in range(8)]
         for t in users:
