@@ -316,13 +316,14 @@ def test_serving_scales_replicas_and_nodes_with_load_and_back_without_failing_a_
             burst.clear()
             phase["now"] = "scale-down"  # one user keeps asking while the extra replicas drain and stop
             _wait_for(lambda: _replicas() == {"RUNNING": 1}, 90, "scale-down to one replica")
-            time.sleep(2)
+            # the nodes of the stopped replicas idle out (6 s) while the one replica keeps serving
+            _wait_for(lambda: len(cluster.worker_nodes()) < MAX_WORKERS, 60, "an idle node to be removed")
+            nodes_at_min = len(cluster.worker_nodes())
         finally:
             stop.set()
             for t in users:
                 t.join(timeout=130)
         phase["now"] = "idle"
-        nodes_at_min = len(cluster.worker_nodes())
         serve.shutdown()
         _no_worker_nodes(cluster)
     print("\n" + s.format("serving (replica states)"))
