@@ -22,8 +22,8 @@ An engine builds the sync engine on first ``generate`` and the async one on firs
 serving uses only ``stream``, captioning and eval only ``generate``.
 
 Not supported (a clear error per request, never a different answer): beam search
-(``num_beams > 1``: use the torch engine), prompts whose first token is not the template's (a
-system turn on Phi-3; see :mod:`phantom_ray.vllm.model`).
+(``num_beams > 1``: use the torch engine). Any first token is served (phantom states per first
+token: see :mod:`phantom_ray.vllm.model`).
 """
 
 from __future__ import annotations
@@ -40,15 +40,9 @@ from phantom_ray.infer.api import Event, Generation, Request, SamplingParams
 from phantom_ray.infer.core import NullMetrics, TextStream, error_event, error_generation
 from phantom_ray.processing import ProcessingError, Sample
 from phantom_ray.processing.errors import SampleError
-from phantom_ray.vllm.inputs import phantom_token_id, vllm_prompt
+from phantom_ray.vllm.inputs import vllm_prompt
 
 log = logging.getLogger(__name__)
-
-
-def _default_dtype() -> str:
-    import torch
-
-    return "bfloat16" if torch.cuda.is_available() else "float32"
 
 
 class VLLMEngine:
@@ -62,7 +56,6 @@ class VLLMEngine:
         self.model_id = str(model_id or model_dir)
         self.engine_args = dict(engine_args or {})
         self.metrics = metrics if metrics is not None else NullMetrics()
-        self.first_token_id = phantom_token_id(processor.config, processor.tokenizer)
         self._llm = None
         self._async = None
         self._ids = itertools.count()
@@ -77,9 +70,7 @@ class VLLMEngine:
         """``model_id``: a preset (random weights seeded by ``seed``, written once to the cache),
         a checkpoint directory, an ``s3://`` prefix or a hub id (see ``phantom_ray.loader``).
         ``vllm_options`` go to vLLM's engine arguments unchanged."""
-        from phantom_ray.loader import local_model_dir
-        from phantom_ray.model.config import PhantomConfig
-        from phantom_ray.processing import PhantomProcessor, load_tokenizer
+        from phantom_ray.loader import default_device, load_processor, local_model_dir, resolve_dtype
 
         if unused:
             log.debug("vllm engine ignores options %s", sorted(unused))
@@ -87,15 +78,13 @@ class VLLMEngine:
         # deployment that wants it sets VLLM_NO_USAGE_STATS=0 itself
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         d = local_model_dir(model_id, seed=seed)
-        config = PhantomConfig.from_json_file(Path(d) / "config.json")
-        tok = load_tokenizer(str(d), config)
-        processor = PhantomProcessor(config, tok, max_length=max_length,
-                                     **({"max_pixels": max_pixels} if max_pixels is not None else {}))
-        import torch
-
-        on_gpu = torch.cuda.is_available()
+        processor = load_processor(str(d), max_length, max_pixels)  # the one way to a model's processor
+        config = processor.config
+        device = default_device()
+        on_gpu = device == "cuda"
         args: dict[str, Any] = dict(
-            model=str(d), tokenizer=str(d), dtype=_default_dtype() if dtype in (None, "auto") else str(dtype),
+            # the one "auto" rule (phantom_ray.loader.resolve_dtype): bfloat16 on CUDA, float32 on CPU
+            model=str(d), tokenizer=str(d), dtype=str(resolve_dtype(dtype or "auto", device)).replace("torch.", ""),
             seed=seed, max_model_len=max_model_len or min(max_length, config.llm_config.max_position_embeddings),
             enable_prefix_caching=enable_prefix_caching,
             enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
@@ -148,11 +137,6 @@ class VLLMEngine:
         sample = self.processor.encode(request.messages, images=list(request.images) or None,
                                        system=request.system, add_generation_prompt=True)
         sample.labels = None
-        first = int(sample.input_ids[0]) if len(sample) else None
-        if first != self.first_token_id:
-            raise SampleError("unsupported_prompt",
-                              f"the vllm engine serves prompts starting with the template token (id {self.first_token_id}); "
-                              f"this one starts with {first} (a system turn on Phi-3?). Use engine torch for it")
         max_len = self.engine_args["max_model_len"]
         if len(sample) + request.params.max_tokens > max_len:
             raise SampleError("prompt_too_long",
