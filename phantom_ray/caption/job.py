@@ -133,7 +133,7 @@ def run_caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = Non
         from ray.autoscaler.sdk import request_resources
 
         replica = {"CPU": cfg.num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-        request_resources(bundles=[replica] * cfg.max_replicas)
+        request_resources(bundles=[replica] * replicas[1])
         try:
             for r in ds.iter_rows():
                 if t_first is None:
