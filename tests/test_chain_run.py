@@ -11,7 +11,8 @@ Only these overrides are applied, as flags and dotted overrides the entry points
   two benchmarks whose synthetic files tests/eval_synthetic.py writes (a subset of the config's list),
   one of the four served sizes (the one this chain trained);
 - resources: CPU instead of GPU (num_gpus 0, use_gpu false, fractional CPUs, one replica, a small
-  vLLM KV cache instead of a GPU memory fraction), a free loopback port for Serve;
+  vLLM KV cache instead of a GPU memory fraction, float32 for the served model where an H100 runs
+  bfloat16), a free loopback port for Serve;
 - bucket endpoint: AWS_ENDPOINT_URL and keys of the moto server.
 Anything else a step needs is a defect of the shipped files.
 """
@@ -32,7 +33,7 @@ import pytest
 import yaml
 
 import cluster_files as cf
-from helpers import free_port, submit_job
+from helpers import free_port, submit_job, wait_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -59,23 +60,22 @@ def _runtime_env(manifest_name: str | None, extra_env: dict) -> dict:
     return env
 
 
-def _run_job(client, entrypoint: list[str], runtime_env: dict, timeout: float, log: list) -> str:
-    from ray.job_submission import JobStatus
+def _start_job(client, entrypoint: list[str], runtime_env: dict) -> tuple[str, list[str], float]:
+    return submit_job(client, entrypoint=shlex.join(entrypoint), runtime_env=runtime_env), entrypoint, time.time()
 
-    t0 = time.time()
-    job_id = submit_job(client, entrypoint=shlex.join(entrypoint), runtime_env=runtime_env)
-    while time.time() - t0 < timeout:
-        status = client.get_job_status(job_id)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            break
-        time.sleep(1)
-    else:
-        client.stop_job(job_id)
-        status = "TIMEOUT"
+
+def _finish_job(client, started: tuple[str, list[str], float], timeout: float, log: list) -> str:
+    """Wait for a started job (helpers.wait_job), record its time, fail with its log tail."""
+    job_id, entrypoint, t0 = started
+    status = wait_job(client, job_id, max(1.0, timeout - (time.time() - t0)))
     logs = client.get_job_logs(job_id)
     log.append((entrypoint[1], round(time.time() - t0, 1)))
-    assert status == "SUCCEEDED", f"{' '.join(entrypoint)}: {status}\n{logs[-4000:]}"
+    assert status == "SUCCEEDED", f"{shlex.join(entrypoint)}: {status}\n{logs[-4000:]}"
     return logs
+
+
+def _run_job(client, entrypoint: list[str], runtime_env: dict, timeout: float, log: list) -> str:
+    return _finish_job(client, _start_job(client, entrypoint, runtime_env), timeout, log)
 
 
 def _empty_bucket(bucket: str) -> None:
@@ -138,13 +138,15 @@ def test_the_shipped_chain_runs_end_to_end(s3_server, ray_head, tmp_path, monkey
     assert cf.option_value(init_argv, "--size") == SIZE
     source = write_internvl2(tmp_path / "InternVL2-8B-tiny", "internlm2")
     init_out = cf.option_value(init_argv, "--output")
-    _run_job(client, init_argv + ["--size", TINY, "--source", str(source)], _runtime_env("rayjob-init.yaml", extra_env),
-             300, timings)
+    # init and pack are independent (docs/cluster.md runs them side by side)
+    init_job = _start_job(client, init_argv + ["--size", TINY, "--source", str(source)],
+                          _runtime_env("rayjob-init.yaml", extra_env))
+    pack_job = _start_job(client, pack_argv, _runtime_env("rayjob-pack.yaml", extra_env))
+    _finish_job(client, init_job, 300, timings)
     assert _exists(init_out, "config.json")
-
-    # ---- pack
-    _run_job(client, pack_argv, _runtime_env("rayjob-pack.yaml", extra_env), 300, timings)
+    _finish_job(client, pack_job, 300, timings)
     pack_out = cf.option_value(pack_argv, "--output")
+    assert _exists(pack_out, "manifest.json"), "pack wrote no manifest"
 
     # ---- training step 1, then step 2 (the RayJob's substitution step1 -> step2)
     train_argv = cf.rayjob_argv("rayjob-train.yaml")
@@ -191,7 +193,9 @@ def test_the_shipped_chain_runs_end_to_end(s3_server, ray_head, tmp_path, monkey
     (app,) = config["applications"]
     (model,) = [m for m in app["args"]["models"] if m["name"] == SIZE]
     assert model["checkpoint"] == model_uri
-    model.update(num_gpus=0, num_cpus=0.5, kv_cache_memory_bytes=32 * 2**20)
+    # resources: no GPU; a small KV cache instead of a GPU memory fraction; float32, as bfloat16 is the
+    # H100's precision and this CPU has no bf16 instructions for vLLM's CPU kernels
+    model.update(num_gpus=0, num_cpus=0.5, kv_cache_memory_bytes=32 * 2**20, dtype="float32")
     model.pop("gpu_memory_utilization", None)
     model["autoscaling_config"].update(min_replicas=1, max_replicas=1)
     app["args"]["models"] = [model]
