@@ -37,14 +37,9 @@ from helpers import free_port, submit_job, wait_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-# Last run (14:18-14:25 UTC): init 12 s and pack 12 s (side by side), step 1 152 s, step 2 92 s, eval 37 s
-# passed; caption failed: vLLM's LLM() loads the export's tokenizer with AutoTokenizer, and the
-# InternLM2 tokenizer `model init` carries over from InternVL2 (tokenization_internlm2.py, auto_map)
-# needs trust_remote_code, which phantom_ray/vllm/engine.py does not pass. Every phantom-7b / 1.8b
-# (InternLM2) export therefore fails on vLLM: serving, captioning. Strict: remove once that is fixed.
-XFAIL_VLLM_INTERNLM2 = pytest.mark.xfail(
-    strict=True, reason="vLLM cannot load an InternLM2 export's tokenizer (needs trust_remote_code or "
-                        "skip_tokenizer_init in phantom_ray/vllm/engine.py)")
+# An InternLM2 export (phantom-7b / 1.8b) carries a tokenizer.json converted from InternVL2's
+# SentencePiece model (processing.tokenizers.tokenizer_files), so vLLM's AutoTokenizer loads it without
+# the remote-code InternLM2Tokenizer (tests/test_tokenizer_export.py).
 
 SIZE = "phantom-7b"
 TINY = "tiny-internlm2"      # InternVL2-8B's LLM family (InternLM2.5) at the tiny size
@@ -107,7 +102,6 @@ def _exists(uri: str, name: str) -> bool:
     return storage.exists(storage.join(uri, name))
 
 
-@XFAIL_VLLM_INTERNLM2
 def test_the_shipped_chain_runs_end_to_end(s3_server, ray_head, tmp_path, monkeypatch):
     from ray.job_submission import JobSubmissionClient
 

@@ -272,6 +272,86 @@ class SentencePieceTokenizer:
         return ["tokenizer.model", "added_tokens.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
+def sentencepiece_tokenizer_json(tok: SentencePieceTokenizer) -> str:
+    """A ``tokenizer.json`` (HF ``tokenizers``) that encodes and decodes like ``tok``.
+
+    Exports carry it so that transformers' ``AutoTokenizer`` and vLLM load an InternLM2-family
+    tokenizer without ``trust_remote_code`` (InternVL2's ``tokenizer_config.json`` names the remote
+    ``InternLM2Tokenizer``). Built from the SentencePiece proto itself: its pieces (BPE merges
+    recovered from the piece scores, or the Unigram scores), byte fallback, the normaliser's
+    character map, whitespace handling (``remove_extra_whitespaces``, ``add_dummy_prefix``,
+    ``escape_whitespaces``, ``split_digits``); the special strings ``tok`` splits text on become
+    added tokens at their ids (each piece between them gets its own dummy prefix, as in
+    :meth:`SentencePieceTokenizer.encode`)."""
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE, Unigram
+
+    m = model_pb2.ModelProto()
+    m.ParseFromString(tok._proto)
+    ts, ns = m.trainer_spec, m.normalizer_spec
+    pieces = [(p.piece, p.score) for p in m.pieces]
+    extra = sorted((i, t) for t, i in tok.added_tokens.items() if i >= len(pieces))
+    n_total = len(tok)
+    if ts.model_type == 2:  # BPE
+        from transformers.tokenization_utils_base import generate_merges
+
+        vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
+        # SentencePiece BPE merges the pair whose result scores highest: merges ordered by score
+        merges = generate_merges(vocab, {piece: score for piece, score in pieces},
+                                 skip_tokens=[p.piece for p in m.pieces if p.type in (2, 3, 4, 6)])
+        for i, t in extra:
+            vocab[t] = i
+        model = BPE(vocab, merges, unk_token=ts.unk_piece or m.pieces[tok.unk_token_id].piece,
+                    fuse_unk=True, byte_fallback=bool(ts.byte_fallback), dropout=None)
+    elif ts.model_type == 1:  # Unigram
+        full = list(pieces) + [(f"<|phantom_unused_{i}|>", 0.0) for i in range(len(pieces), n_total)]
+        for i, t in extra:
+            full[i] = (t, 0.0)
+        model = Unigram(full, unk_id=tok.unk_token_id, byte_fallback=bool(ts.byte_fallback))
+    else:
+        raise ValueError(f"SentencePiece model type {ts.model_type} has no tokenizer.json conversion")
+    t = Tokenizer(model)
+    norm = []
+    if ns.precompiled_charsmap:
+        norm.append(normalizers.Precompiled(ns.precompiled_charsmap))
+    if ns.remove_extra_whitespaces:
+        norm += [normalizers.Replace(Regex("^ +| +$"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if ns.add_dummy_prefix:
+        norm.append(normalizers.Prepend(" "))
+    if ns.escape_whitespaces:
+        norm.append(normalizers.Replace(" ", "\u2581"))
+    if norm:
+        t.normalizer = normalizers.Sequence(norm)
+    pre = []
+    if ts.split_by_whitespace:
+        pre.append(pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True))
+    if ts.split_digits:
+        pre.append(pre_tokenizers.Digits(individual_digits=True))
+    if pre:
+        t.pre_tokenizer = pre_tokenizers.Sequence(pre)
+    # SentencePieceTokenizer.decode decodes each run between special tokens on its own, so the
+    # dummy prefix goes at the start of every run, not only at the start of the text
+    splittable = [s for s in tok._special if tok._split_re is not None and tok._split_re.fullmatch(s)]
+    dec = [decoders.ByteFallback()] if ts.byte_fallback else []
+    dec.append(decoders.Fuse())
+    if ns.add_dummy_prefix:
+        # (and after <unk>, which breaks runs too; with byte fallback it is never produced)
+        after = splittable + ([m.pieces[tok.unk_token_id].piece] if not ts.byte_fallback and tok.unk_token_id >= 0 else [])
+        dec += [decoders.Replace(s + "\u2581", s) for s in sorted(after, key=len, reverse=True)]
+    dec.append(decoders.Replace("\u2581", " "))
+    if ns.add_dummy_prefix:
+        dec.append(decoders.Strip(content=" ", left=1, right=0))
+    t.decoder = decoders.Sequence(dec)
+    t.add_special_tokens([AddedToken(s, normalized=False, special=True)
+                          for s in sorted(splittable, key=lambda s: tok._special[s])])
+    got = {s: t.token_to_id(s) for s in splittable}
+    want = {s: tok._special[s] for s in splittable}
+    if got != want:
+        raise ValueError(f"tokenizer.json conversion moved special tokens: {got} != {want}")
+    return t.to_str()
+
+
 def _sentencepiece_from_dir(d: Path, template_end: str | None) -> SentencePieceTokenizer:
     added: dict[str, int] = {}
     if (d / "added_tokens.json").exists():
@@ -397,6 +477,19 @@ def tokenizer_files(tokenizer, config: PhantomConfig) -> dict[str, bytes]:
         tokenizer.save_pretrained(d)
         files = {name: (Path(d) / name).read_bytes() for name in os.listdir(d) if (Path(d) / name).is_file()}
     cfg = json.loads(files.get("tokenizer_config.json", b"{}"))
+    if isinstance(tokenizer, SentencePieceTokenizer):
+        # InternVL2's config names the remote-code InternLM2Tokenizer (auto_map), which AutoTokenizer
+        # and vLLM refuse without trust_remote_code: a tokenizer.json converted from the
+        # SentencePiece model (same ids, same decoding) loads as a stock fast tokenizer instead
+        files["tokenizer.json"] = sentencepiece_tokenizer_json(tokenizer).encode()
+        for name in [n for n in files if n.startswith("tokenization_") and n.endswith(".py")]:
+            del files[name]
+        cfg.pop("auto_map", None)
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        # transformers makes every named special token split text; ours keeps <s>/<unk> as text
+        # (Phantom prompts never carry BOS), so only eos and pad are named
+        for key in ("add_bos_token", "add_eos_token", "bos_token", "unk_token"):
+            cfg.pop(key, None)
     cfg["chat_template"] = template  # readers that predate chat_template.jinja
     files["tokenizer_config.json"] = (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode()
     files[CHAT_TEMPLATE_FILE] = template.encode()
