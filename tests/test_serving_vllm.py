@@ -15,7 +15,7 @@ APP = "phantom-vllm-test"
 MODEL = "tiny-qwen2"
 # vLLM on CPU: a small fixed KV cache (the default fraction of host RAM refuses to start next to other
 # processes) and a block size that is a multiple of 32
-VLLM = dict(engine="vllm", max_model_len=256, kv_cache_memory_bytes=32 * 2**20, block_size=32, max_batch_size=8,
+VLLM = dict(engine="vllm", max_model_len=256, kv_cache_memory_bytes=32 * 2**20, block_size=32,
             num_cpus=1.0)
 
 
@@ -34,7 +34,8 @@ def test_model_spec_vllm_options():
                                 "vllm_options": {"max_num_batched_tokens": 512}, "env_vars": {"A": "1"}})
     assert spec.engine_options() == {
         "enable_prefix_caching": True, "max_model_len": 256, "kv_cache_memory_bytes": 32 * 2**20,
-        "enforce_eager": True, "vllm_options": {"max_num_batched_tokens": 512, "block_size": 32}}
+        "enforce_eager": True, "served_model_name": "m",
+        "vllm_options": {"max_num_batched_tokens": 512, "block_size": 32}}
     assert spec.deployment_options()["ray_actor_options"]["runtime_env"] == {"env_vars": {"A": "1"}}
     with pytest.raises(ConfigError, match="only apply to engine vllm"):
         ModelSpec.from_dict({"name": "m", "checkpoint": "tiny-qwen2", "engine": "torch", "block_size": 32})

@@ -48,6 +48,7 @@ import torch
 
 from phantom_ray.infer.api import Event, Generation, Request, SamplingParams
 from phantom_ray.processing import ImageError, ProcessingError, Sample
+from phantom_ray.processing.errors import SampleError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,21 @@ def error_event(exc: ProcessingError) -> Event:
     code = "image_too_large" if status == 413 else exc.reason
     kind = "image" if isinstance(exc, ImageError) else "request"
     return Event(type="error", status=status, code=code, message=f"invalid {kind}: {exc.message}")
+
+
+def encode_raw_prompt(processor, text: str) -> Sample:
+    """A raw completion prompt (``/v1/completions``): the text tokenized as it is, no chat template
+    and no BOS added; special-token text (``<|im_start|>``) becomes its token, so the text of a
+    rendered chat (``processor.build_prompt``) gives the chat's own prompt ids. Text only."""
+    if not text:
+        raise SampleError("empty_prompt", "the prompt is empty")
+    ids = list(processor.tokenizer.encode(text, add_special_tokens=False))
+    if processor._reserved_ids.intersection(ids):
+        raise SampleError("reserved_token_in_text", "a completion prompt is text only: it must not contain the "
+                          "image marker tokens (<img>, <IMG_CONTEXT>, </img>); send images to /v1/chat/completions")
+    if len(ids) > processor.max_length:
+        raise SampleError("prompt_exceeds_max_length", f"prompt is {len(ids)} tokens, over max_length={processor.max_length}")
+    return Sample(input_ids=torch.tensor(ids, dtype=torch.long), labels=None)
 
 
 class NullMetrics:
@@ -169,8 +185,19 @@ class TorchEngine:
         return str(self.model.dtype).replace("torch.", "")
 
     # ---- preprocessing -----------------------------------------------------------------------------
+    # request features of vLLM's that this engine does not have: refused per request, never ignored
+    UNSUPPORTED = {"logprobs": lambda p: p.logprobs is not None,
+                   "response_format": lambda p: p.json_schema is not None}
+
     def prepare(self, request: Request) -> Sample:
         """Request -> generation prompt Sample (labels None); raises ProcessingError."""
+        refused = [name for name, asks in self.UNSUPPORTED.items() if asks(request.params)]
+        if refused:
+            raise SampleError("unsupported_parameter",
+                              f"{' and '.join(refused)} {'is' if len(refused) == 1 else 'are'} not supported by the "
+                              f"torch engine; serve this model on engine vllm for it")
+        if request.prompt is not None:
+            return encode_raw_prompt(self.processor, request.prompt)
         sample = self.processor.encode(request.messages, images=list(request.images) or None,
                                        system=request.system, add_generation_prompt=True)
         sample.labels = None
@@ -447,4 +474,4 @@ class TorchEngine:
                     completion_tokens=r.completion_tokens))
 
 
-__all__ = ["TorchEngine", "NullMetrics", "error_detail", "error_event", "failed"]
+__all__ = ["TorchEngine", "NullMetrics", "encode_raw_prompt", "error_detail", "error_event", "failed"]

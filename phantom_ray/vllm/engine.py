@@ -15,6 +15,10 @@ streaming deltas), so greedy results are the same text for both backends.
 An engine builds the sync engine on first ``generate`` and the async one on first ``stream``;
 serving uses only ``stream``, captioning and eval only ``generate``.
 
+Beyond the torch engine: ``SamplingParams.logprobs`` (each token's logprob and its top k, on the
+events) and ``json_schema`` (vLLM's guided decoding). vLLM's engine metrics (Prometheus, labelled
+with ``served_model_name``) are recorded in the process that holds the async engine.
+
 Not supported (a clear error per request, never a different answer): beam search
 (``num_beams > 1``: use the torch engine), prompts whose first token is not the template's (a
 system turn on Phi-3; see :mod:`phantom_ray.vllm.model`).
@@ -31,7 +35,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 from phantom_ray.infer.api import Event, Generation, Request, SamplingParams
-from phantom_ray.infer.torch_engine import NullMetrics, TorchEngine, _Row, error_event, failed
+from phantom_ray.infer.torch_engine import NullMetrics, TorchEngine, _Row, encode_raw_prompt, error_event, failed
 from phantom_ray.processing import ProcessingError, Sample
 from phantom_ray.processing.errors import SampleError
 from phantom_ray.vllm.inputs import phantom_token_id, vllm_prompt
@@ -70,14 +74,18 @@ class VLLMEngine:
 
     @classmethod
     def load(cls, model_id: str, *, dtype: str | None = "auto", seed: int = 0, max_length: int = 4096,
-             max_pixels: int | None = None, max_model_len: int | None = None, max_batch_size: int | None = None,
-             max_num_seqs: int | None = None, gpu_memory_utilization: float | None = None,
+             max_pixels: int | None = None, max_model_len: int | None = None,
+             max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
+             served_model_name: str | None = None, gpu_memory_utilization: float | None = None,
              kv_cache_memory_bytes: int | None = None, enable_prefix_caching: bool = True,
              enforce_eager: bool | None = None, metrics=None, vllm_options: dict | None = None,
              **unused) -> "VLLMEngine":
         """``model_id``: a preset (random weights seeded by ``seed``, written once to the cache),
         a checkpoint directory, an ``s3://`` prefix or a hub id (see ``phantom_ray.loader``).
-        ``vllm_options`` go to vLLM's engine arguments unchanged."""
+        Concurrency is vLLM's own: ``max_num_seqs`` / ``max_num_batched_tokens`` None leave vLLM's
+        defaults for the device (the torch engine's ``max_batch_size`` does not apply and is ignored).
+        ``served_model_name`` labels vLLM's metrics (``model_name``). ``vllm_options`` go to vLLM's
+        engine arguments unchanged."""
         from phantom_ray.loader import local_model_dir
         from phantom_ray.model.config import PhantomConfig
         from phantom_ray.processing import PhantomProcessor, load_tokenizer
@@ -101,8 +109,12 @@ class VLLMEngine:
             enable_prefix_caching=enable_prefix_caching,
             enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
         )
-        if max_num_seqs or max_batch_size:
-            args["max_num_seqs"] = int(max_num_seqs or max_batch_size)
+        if max_num_seqs is not None:
+            args["max_num_seqs"] = int(max_num_seqs)
+        if max_num_batched_tokens is not None:
+            args["max_num_batched_tokens"] = int(max_num_batched_tokens)
+        if served_model_name:
+            args["served_model_name"] = str(served_model_name)
         if kv_cache_memory_bytes is not None:
             args["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
         elif gpu_memory_utilization is not None:
@@ -146,9 +158,14 @@ class VLLMEngine:
         if request.params.num_beams > 1:
             raise SampleError("unsupported_parameter",
                               "beam search (num_beams > 1) is not available on the vllm engine; use engine torch")
-        sample = self.processor.encode(request.messages, images=list(request.images) or None,
-                                       system=request.system, add_generation_prompt=True)
+        if request.prompt is not None:
+            sample = encode_raw_prompt(self.processor, request.prompt)
+        else:
+            sample = self.processor.encode(request.messages, images=list(request.images) or None,
+                                           system=request.system, add_generation_prompt=True)
         sample.labels = None
+        if request.params.json_schema is not None:
+            self._structured(request.params.json_schema)  # a schema vLLM cannot compile: this request's 400
         first = int(sample.input_ids[0]) if len(sample) else None
         if first != self.first_token_id:
             raise SampleError("unsupported_prompt",
@@ -166,17 +183,58 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
 
         stops = [] if params.ignore_eos else list(self.processor.stop_token_ids)
+        structured = self._structured(params.json_schema) if params.json_schema is not None else None
         return VSP(
             max_tokens=params.max_tokens,
             temperature=0.0 if params.greedy else params.temperature,
             top_p=params.top_p, top_k=params.top_k,
             seed=None if params.greedy else params.seed_for(key) % (2**31),
             stop=list(params.stop) or None,
-            # our stop tokens only (the tokenizer's eos may differ from the template's end token)
-            ignore_eos=True, stop_token_ids=stops,
+            # our stop tokens only (the tokenizer's eos may differ from the template's end token); a
+            # structured answer also ends at the eos its grammar allows once the JSON is complete
+            ignore_eos=params.ignore_eos if structured is not None else True, stop_token_ids=stops,
+            logprobs=params.logprobs, structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
             detokenize=bool(params.stop),
         )
+
+    @staticmethod
+    def _structured(schema_text: str):
+        """vLLM's guided decoding for a JSON schema (compact JSON: no free whitespace between tokens,
+        so a model cannot wander off into blank space before the answer closes)."""
+        import json
+
+        from vllm.sampling_params import StructuredOutputsParams
+
+        try:
+            schema = json.loads(schema_text)
+        except json.JSONDecodeError as exc:
+            raise SampleError("invalid_json_schema", f"response_format schema is not JSON: {exc}") from None
+        if not isinstance(schema, dict):
+            raise SampleError("invalid_json_schema", "response_format schema must be a JSON object")
+        return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+
+    def _token_text(self, token_id: int) -> str:
+        cache = self.__dict__.setdefault("_token_texts", {})
+        text = cache.get(token_id)
+        if text is None:
+            text = cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _logprob_entries(self, token_ids: Sequence[int], logprobs, k: int, stops: set[int]) -> list[dict]:
+        """OpenAI-style entries of generated tokens (stop tokens left out, as they are of the text)."""
+        out = []
+        for tok, lps in zip(token_ids, logprobs or ()):
+            tok = int(tok)
+            if tok in stops:
+                continue
+            chosen = lps.get(tok)
+            top = sorted(lps.items(), key=lambda kv: kv[1].rank)[:k] if k else []
+            out.append({"token_id": tok, "token": self._token_text(tok),
+                        "logprob": float(chosen.logprob) if chosen is not None else float("nan"),
+                        "top_logprobs": [{"token_id": int(t), "token": self._token_text(int(t)),
+                                          "logprob": float(lp.logprob)} for t, lp in top]})
+        return out
 
     def _replay(self, row: _Row, token_ids: Sequence[int]) -> None:
         stops = set() if row.params.ignore_eos else set(self.processor.stop_token_ids)
@@ -226,14 +284,27 @@ class VLLMEngine:
         rid = f"phantom-{os.getpid()}-{next(self._ids)}"
         prompt = vllm_prompt(self.processor, sample, list(request.images))
         vllm_done = False
+        want_lp = request.params.logprobs
+        stops = set() if row.params.ignore_eos else set(self.processor.stop_token_ids)
+        pending_lp: list[dict] = []
         try:
             async for res in engine.generate(prompt, self._vllm_params(row.params, row.key, delta=True), rid):
                 vllm_done = res.finished
-                self._replay(row, res.outputs[0].token_ids)
+                out = res.outputs[0]
+                before = row.completion_tokens
+                self._replay(row, out.token_ids)
+                if want_lp is not None:  # the tokens this row took (none past its own end)
+                    used = row.completion_tokens - before
+                    pending_lp += self._logprob_entries(out.token_ids[:used], (out.logprobs or [])[:used], want_lp,
+                                                        stops)
                 if res.finished and not row.done:
-                    self._finish(row, "length")
+                    # vLLM's own stop (the eos a JSON grammar allows once the answer is complete)
+                    self._finish(row, "stop" if out.finish_reason == "stop" else "length")
                 while events:
-                    yield events.pop(0)
+                    event = events.pop(0)
+                    if want_lp is not None and pending_lp:
+                        event.logprobs, pending_lp = pending_lp, []
+                    yield event
                 if row.done:
                     self.metrics.finished(time.monotonic() - row.submitted, row.completion_tokens, 0.0, "ok")
                     return
