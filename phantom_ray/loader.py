@@ -169,26 +169,28 @@ def local_model_dir(model_id: str, seed: int = 0) -> Path:
     """A local HF-layout directory (config.json, model.safetensors, tokenizer files) for any id.
 
     For a preset the random-init weights (seeded by ``seed``) and its tokenizer are written once
-    into ``<cache>/presets/<preset>-seed<seed>``; engines that need files (vLLM) read them there."""
+    into ``<cache>/presets/<preset>-seed<seed>`` (with the chat template, like every export); engines that need files (vLLM) read them there."""
     from phantom_ray.model.loading import cache_root
 
     model_id = str(model_id)
     if not is_preset(model_id):
         return resolve_model_dir(model_id)
     dest = cache_root() / "presets" / f"{model_id}-seed{seed}"
-    if (dest / ".complete").exists():
+    if (dest / ".complete").exists() and (dest / "chat_template.jinja").exists():
         return dest
     from phantom_ray.model import PhantomForCausalLM
-    from phantom_ray.processing import load_tokenizer
+    from phantom_ray.processing import load_tokenizer, tokenizer_files
 
     _warn_preset(model_id, seed)
     model = PhantomForCausalLM.from_preset(model_id, seed=seed)
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    load_tokenizer(model_id, model.config).save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), extra_files=tokenizer_files(load_tokenizer(model_id, model.config), model.config))
     (tmp / ".complete").write_text(model_id)
     # another process may have finished first: either copy is the same bytes, keep theirs
+    if (dest / ".complete").exists() and not (dest / "chat_template.jinja").exists():
+        # written before exports carried a chat template: replace it
+        shutil.rmtree(dest, ignore_errors=True)
     try:
         os.replace(tmp, dest)
     except OSError:

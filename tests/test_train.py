@@ -256,6 +256,9 @@ def test_save_resume_continues_identically_and_export_loads(tmp_path, batches):
         assert torch.equal(dict(loaded.named_parameters())[n], p.detach()), n
     tok = load_tokenizer(out)
     assert tok.convert_tokens_to_ids("<IMG_CONTEXT>") == loaded.config.image_token_index
+    from phantom_ray.processing import chat_template
+
+    assert tok.chat_template == chat_template(loaded.config.template)  # the export builds Phantom's prompt
     batch = batches[0]
     gen = loaded.generate(batch["input_ids"][:2], batch["attention_mask"][:2], batch["pixel_values"][:2], max_new_tokens=4)
     assert gen.sequences.shape[0] == 2

@@ -31,11 +31,15 @@ from phantom_ray.processing.tokenizers import (
     build_tiny_tokenizer,
     check_image_token,
     load_tokenizer,
+    save_tokenizer,
+    tokenizer_files,
 )
+from phantom_ray.processing.chat_template import chat_template
 
 __all__ = [
     "DEFAULT_MAX_ASPECT_RATIO", "DEFAULT_MAX_PIXELS", "IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_PLACEHOLDER",
     "ImageError", "PROMPT_RULES", "PairSample", "PhantomProcessor", "ProcessingError", "Sample", "SampleError",
-    "SentencePieceTokenizer", "build_tiny_tokenizer", "candidate_grids", "check_image_token", "choose_grid",
-    "dynamic_tiles", "load_image", "load_tokenizer", "split_content_parts", "tile_pixel_values", "tiles_to_tensor", "to_rgb",
+    "SentencePieceTokenizer", "build_tiny_tokenizer", "chat_template", "candidate_grids", "check_image_token", "choose_grid",
+    "dynamic_tiles", "load_image", "load_tokenizer", "save_tokenizer", "split_content_parts", "tile_pixel_values", "tiles_to_tensor", "to_rgb",
+    "tokenizer_files",
 ]

@@ -115,11 +115,14 @@ class SentencePieceTokenizer:
     ``convert_ids_to_tokens``, ``pad_token_id``, ``eos_token_id``, ``all_special_ids``, ``len``.
     """
 
-    def __init__(self, model_file: str | os.PathLike, added_tokens: dict[str, int] | None = None,
-                 eos_token: str | None = None, pad_token: str | None = None, padding_side: str = "left"):
+    def __init__(self, model_file: str | os.PathLike | None, added_tokens: dict[str, int] | None = None,
+                 eos_token: str | None = None, pad_token: str | None = None, padding_side: str = "left",
+                 proto: bytes | None = None, init_config: dict | None = None):
         import sentencepiece as spm
 
-        self._proto = Path(model_file).read_bytes()
+        self._proto = proto if proto is not None else Path(model_file).read_bytes()
+        # the checkpoint's tokenizer_config.json, written back (updated) by save_pretrained
+        self.init_config = dict(init_config or {})
         self.sp = spm.SentencePieceProcessor(model_proto=self._proto)
         self.added_tokens = dict(added_tokens or {})
         self.padding_side = padding_side
@@ -233,12 +236,48 @@ class SentencePieceTokenizer:
     def batch_decode(self, seqs, skip_special_tokens: bool = False) -> list[str]:
         return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in seqs]
 
+    def add_tokens(self, tokens: list[str]) -> int:
+        """Append tokens after the current vocabulary (ids ``len(self)``, ...), skipping those it
+        already has; returns how many were added (``transformers``' ``add_tokens`` contract)."""
+        n = 0
+        for t in tokens:
+            if t in self._special or self.sp.piece_to_id(t) != self.sp.unk_id():
+                continue
+            self.added_tokens[t] = len(self)
+            n += 1
+        if n:
+            self.__init__(model_file=None, added_tokens=self.added_tokens, eos_token=self.eos_token,
+                          pad_token=self.pad_token, padding_side=self.padding_side, proto=self._proto,
+                          init_config=self.init_config)
+        return n
+
+    def save_pretrained(self, directory: str | os.PathLike) -> list[str]:
+        """Write ``tokenizer.model``, ``added_tokens.json``, ``tokenizer_config.json`` and
+        ``special_tokens_map.json`` (the layout InternLM2 checkpoints ship, which
+        :func:`load_tokenizer` reads back); returns the file names written."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "tokenizer.model").write_bytes(self._proto)
+        (d / "added_tokens.json").write_text(json.dumps(self.added_tokens, indent=2, ensure_ascii=False))
+        cfg = dict(self.init_config)
+        decoder = dict(cfg.get("added_tokens_decoder") or {})
+        for tok, tid in self.added_tokens.items():
+            decoder.setdefault(str(tid), {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
+                                          "single_word": False, "special": True})
+        cfg.update(added_tokens_decoder=decoder, eos_token=self.eos_token, pad_token=self.pad_token,
+                   padding_side=self.padding_side)
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+        (d / "special_tokens_map.json").write_text(json.dumps(
+            {k: v for k, v in (("eos_token", self.eos_token), ("pad_token", self.pad_token)) if v is not None}, indent=2))
+        return ["tokenizer.model", "added_tokens.json", "tokenizer_config.json", "special_tokens_map.json"]
+
 
 def _sentencepiece_from_dir(d: Path, template_end: str | None) -> SentencePieceTokenizer:
     added: dict[str, int] = {}
     if (d / "added_tokens.json").exists():
         added.update({k: int(v) for k, v in json.loads((d / "added_tokens.json").read_text()).items()})
     eos = pad = None
+    cfg: dict = {}
     cfg_path = d / "tokenizer_config.json"
     if cfg_path.exists():
         cfg = json.loads(cfg_path.read_text())
@@ -248,7 +287,8 @@ def _sentencepiece_from_dir(d: Path, template_end: str | None) -> SentencePieceT
                 added.setdefault(content, int(tid))
         eos = _token_str(cfg.get("eos_token"))
         pad = _token_str(cfg.get("pad_token"))
-    return SentencePieceTokenizer(d / "tokenizer.model", added, eos_token=template_end or eos, pad_token=pad or template_end or eos)
+    return SentencePieceTokenizer(d / "tokenizer.model", added, eos_token=template_end or eos,
+                                  pad_token=pad or template_end or eos, init_config=cfg)
 
 
 def _token_str(t) -> str | None:
@@ -337,6 +377,39 @@ def load_tokenizer(path_or_preset: str, config: PhantomConfig | None = None):
     return tok
 
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def tokenizer_files(tokenizer, config: PhantomConfig) -> dict[str, bytes]:
+    """The files that go next to a model's weights: the tokenizer's own files plus Phantom's chat
+    template for ``config.template`` (``chat_template.jinja`` and the ``chat_template`` field of
+    ``tokenizer_config.json``, see :mod:`phantom_ray.processing.chat_template`).
+
+    The one way a tokenizer is saved with a model: the training export, ``model init`` and a
+    preset's materialised directory all pass these to ``save_pretrained(..., extra_files=...)``, so
+    every export builds Phantom's prompt in ``apply_chat_template``, ``vllm serve`` and Ray's LLM APIs."""
+    from phantom_ray.processing.chat_template import chat_template
+
+    check_image_token(tokenizer, config)
+    template = chat_template(config.template)
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        files = {name: (Path(d) / name).read_bytes() for name in os.listdir(d) if (Path(d) / name).is_file()}
+    cfg = json.loads(files.get("tokenizer_config.json", b"{}"))
+    cfg["chat_template"] = template  # readers that predate chat_template.jinja
+    files["tokenizer_config.json"] = (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode()
+    files[CHAT_TEMPLATE_FILE] = template.encode()
+    return files
+
+
+def save_tokenizer(tokenizer, config: PhantomConfig, directory: str | os.PathLike) -> None:
+    """Write :func:`tokenizer_files` into a local directory."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    for name, data in tokenizer_files(tokenizer, config).items():
+        (d / name).write_bytes(data)
+
+
 @functools.cache
 def _register_phantom_config() -> None:
     """Tell transformers' AutoConfig that ``model_type: phantom`` (our config.json) exists.
@@ -376,3 +449,69 @@ def check_image_token(tok, config: PhantomConfig, where: str = "tokenizer") -> N
             f"{where}: tokenizer maps <IMG_CONTEXT> to id {got} but config.image_token_index is "
             f"{config.image_token_index}; the tokenizer and the checkpoint do not belong together"
         )
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizers next to a model: the files an export carries, the tokens Phantom needs
+# ------------------------------------------------------------------------------------------------
+
+# InternVL2's added tokens, in InternVL2's order: appended to a base LLM's tokenizer they land at the
+# ids InternVL2 (and so Phantom) uses (docs/checkpoints.md#tokenizer).
+INTERNVL_TOKENS = ("<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
+
+
+def has_token(tok, token: str) -> bool:
+    tid = tok.convert_tokens_to_ids(token)
+    unk = getattr(tok, "unk_token_id", None)
+    return tid is not None and not (unk is not None and tid == unk and token != getattr(tok, "unk_token", None))
+
+
+def add_phantom_tokens(tok, template: str) -> list[str]:
+    """Add what the processor needs and ``tok`` lacks; returns the tokens added, in id order (empty
+    for an InternVL2 tokenizer, which has them all). A tokenizer without the image tokens (a base
+    LLM's) gets all of InternVL2's added tokens, in InternVL2's order, so they land at InternVL2's
+    ids; then any chat-template role token it lacks."""
+    from phantom_ray.processing.processor import IMG_CONTEXT, IMG_END, IMG_START, ROLE_TOKENS
+
+    needed = list(ROLE_TOKENS[template])
+    if not all(has_token(tok, t) for t in (IMG_START, IMG_END, IMG_CONTEXT)):
+        needed = [*INTERNVL_TOKENS, *needed]
+    missing = [t for t in needed if not has_token(tok, t)]
+    if not missing:
+        return []
+    if isinstance(tok, SentencePieceTokenizer):
+        tok.add_tokens(missing)
+    else:
+        from tokenizers import AddedToken
+
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    return missing
+
+
+def load_checkpoint_tokenizer(directory: str | os.PathLike, template: str):
+    """The tokenizer shipped in an upstream checkpoint directory (an InternVL2 checkpoint or a base
+    LLM), without the Phantom config checks of :func:`load_tokenizer` (the directory's config.json
+    is not a Phantom config): ``tokenizer.json`` / ``vocab.json`` + ``merges.txt`` through
+    transformers, else ``tokenizer.model`` through :class:`SentencePieceTokenizer`."""
+    d = Path(directory)
+    if (d / "tokenizer.json").exists() or (d / "vocab.json").exists():
+        import shutil
+
+        from transformers import AutoTokenizer
+
+        # the tokenizer files alone: the directory's config.json (an InternVL2 or LLM config) would
+        # make AutoTokenizer guess a model type it does not need
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in _TOKENIZER_FILES:
+                if name != "config.json" and (d / name).exists():
+                    shutil.copy(d / name, Path(tmp) / name)
+            try:
+                return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False, padding_side="left")
+            except (ValueError, OSError, KeyError, ImportError, TypeError):
+                if (d / "tokenizer.json").exists():
+                    return _load_fast(Path(tmp))
+                raise
+    if (d / "tokenizer.model").exists():
+        return _sentencepiece_from_dir(d, END_TOKENS[template])
+    raise FileNotFoundError(f"{d}: no tokenizer (tokenizer.json, vocab.json + merges.txt or tokenizer.model)")
+

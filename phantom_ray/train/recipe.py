@@ -427,7 +427,7 @@ class PhantomRecipe:
         from phantom_ray.model import PhantomForCausalLM
         from phantom_ray.train import lora
 
-        extra = tokenizer_files(self.cfg)
+        extra = tokenizer_files(self.cfg, self.model.config)
         lc = self.cfg.recipe.lora
         if lc.enabled:
             if not lc.merge_on_export:
@@ -443,17 +443,18 @@ class PhantomRecipe:
         return uri
 
 
-def tokenizer_files(cfg: TrainConfig) -> dict[str, bytes]:
-    """The tokenizer files of the model being trained, to save next to its weights."""
-    import tempfile
-
+def tokenizer_files(cfg: TrainConfig, config=None) -> dict[str, bytes]:
+    """The tokenizer files (and chat template) of the model being trained, to save next to its weights."""
     from phantom_ray.processing import load_tokenizer
+    from phantom_ray.processing.tokenizers import tokenizer_files as files_of
 
-    tok = load_tokenizer(cfg.model.init_from or cfg.model.preset)
-    with tempfile.TemporaryDirectory() as d:
-        tok.save_pretrained(d)
-        return {name: open(os.path.join(d, name), "rb").read() for name in os.listdir(d)
-                if os.path.isfile(os.path.join(d, name))}
+    source = cfg.model.init_from or cfg.model.preset
+    tok = load_tokenizer(source, config)
+    if config is None:
+        from phantom_ray.loader import load_config
+
+        config = load_config(source)
+    return files_of(tok, config)
 
 
 def read_trainer_states(directory: str) -> dict[int, dict]:
