@@ -121,6 +121,87 @@ def test_errors_keep_our_shapes(client):
     assert ok.choices[0].message.content is not None
 
 
+# ---- the OpenAI surface vLLM has, through our ingress (tests/test_openai_surface.py: the torch engine) ----
+def _chat(**kw):
+    return dict(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=6, temperature=0,
+                **kw)
+
+
+def test_logprobs_follow_the_greedy_choice(client):
+    out = client.chat.completions.create(**_chat(logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True}))
+    content = out.choices[0].logprobs.content
+    assert len(content) == 6 == out.usage.completion_tokens  # one entry per generated token
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.logprob <= 0
+        # greedy: the chosen token is the most likely one, with its logprob
+        assert c.top_logprobs[0].token == c.token and abs(c.top_logprobs[0].logprob - c.logprob) < 1e-5
+        assert [t.logprob for t in c.top_logprobs] == sorted((t.logprob for t in c.top_logprobs), reverse=True)
+    plain = client.chat.completions.create(**_chat(extra_body={"ignore_eos": True}))
+    assert plain.choices[0].message.content == out.choices[0].message.content and plain.choices[0].logprobs is None
+
+
+def test_n_choices_and_seed(client):
+    greedy = client.chat.completions.create(**_chat(n=3))
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert len({c.message.content for c in greedy.choices}) == 1
+    kw = _chat(n=2, temperature=1.0, seed=11, max_tokens=10, extra_body={"ignore_eos": True})
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.choices[0].message.content != a.choices[1].message.content
+    assert a.usage.completion_tokens == 20
+
+
+def test_response_format_json_schema(client):
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}, "big": {"type": "boolean"}},
+              "required": ["colour", "big"], "additionalProperties": False}
+    out = client.chat.completions.create(
+        **{**_chat(), "max_tokens": 40},
+        response_format={"type": "json_schema", "json_schema": {"name": "shape", "schema": schema}})
+    answer = json.loads(out.choices[0].message.content)
+    jsonschema.validate(answer, schema)
+    assert out.choices[0].finish_reason == "stop"
+    obj = client.chat.completions.create(**{**_chat(), "max_tokens": 60}, response_format={"type": "json_object"})
+    assert obj.choices[0].finish_reason != "stop" or isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
+def test_completions_equal_chat_on_the_same_raw_prompt(client):
+    from phantom_ray.loader import load_model
+
+    proc = load_model(MODEL, device="cpu", dtype="float32", seed=0, max_length=256).processor
+    text = proc.build_prompt([{"role": "user", "content": QUESTION}])
+    chat = client.chat.completions.create(**_chat(max_tokens=8, extra_body={"ignore_eos": True}))
+    done = client.completions.create(model=MODEL, prompt=text, max_tokens=8, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert done.choices[0].text == chat.choices[0].message.content
+    streamed = client.completions.create(model=MODEL, prompt=text, max_tokens=8, temperature=0, stream=True,
+                                         logprobs=2, extra_body={"ignore_eos": True})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert len(tokens) == 8  # every generated token's logprob, streamed with the text
+
+
+def test_metrics_carry_vllm_engine_metrics_per_model(server):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    resp = httpx.get(f"{server}/metrics", timeout=60)
+    assert resp.status_code == 200, resp.text
+    fams = {f.name: f for f in text_string_to_metric_families(resp.text)}
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:time_to_first_token_seconds", "vllm:generation_tokens", "vllm:prompt_tokens"):
+        assert name in fams, sorted(fams)
+        assert {s.labels.get("model_name") for s in fams[name].samples} == {MODEL}, name
+        assert all(s.labels.get("replica") for s in fams[name].samples)
+    generated = sum(s.value for s in fams["vllm:generation_tokens"].samples)
+    assert generated > 0
+
+
 def test_replica_stop_ends_the_vllm_engine_core(client):
     """Deleting the application stops the replica, whose ``__del__`` shuts vLLM's engine core (a child
     process of the replica actor) down: nothing of it outlives the replica. Runs last in this module."""

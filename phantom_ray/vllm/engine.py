@@ -123,6 +123,13 @@ class VLLMEngine:
             # on CPU the fraction is of host RAM, and the default 0.92 refuses to start next to
             # other processes: reserve a fixed KV cache instead
             args["kv_cache_memory_bytes"] = 512 * 2**20
+        if "structured_outputs_config" not in (vllm_options or {}):
+            from vllm.config import StructuredOutputsConfig
+
+            # JSON answers (response_format) are compact: no free whitespace between tokens, so a
+            # model cannot wander off into blank space before its answer closes (llguidance: the broadest
+            # JSON-schema coverage of the backends that can compact)
+            args["structured_outputs_config"] = StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True)
         args.update(vllm_options or {})
         return cls(d, processor, model_id=str(model_id), engine_args=args, metrics=metrics)
 
@@ -200,8 +207,8 @@ class VLLMEngine:
 
     @staticmethod
     def _structured(schema_text: str):
-        """vLLM's guided decoding for a JSON schema (compact JSON: no free whitespace between tokens,
-        so a model cannot wander off into blank space before the answer closes)."""
+        """vLLM's guided decoding for a JSON schema (compact JSON: the engine's
+        ``structured_outputs_config``, see :meth:`load`)."""
         import json
 
         from vllm.sampling_params import StructuredOutputsParams
@@ -212,7 +219,7 @@ class VLLMEngine:
             raise SampleError("invalid_json_schema", f"response_format schema is not JSON: {exc}") from None
         if not isinstance(schema, dict):
             raise SampleError("invalid_json_schema", "response_format schema must be a JSON object")
-        return StructuredOutputsParams(json=schema, disable_any_whitespace=True)
+        return StructuredOutputsParams(json=schema)
 
     def _token_text(self, token_id: int) -> str:
         cache = self.__dict__.setdefault("_token_texts", {})
