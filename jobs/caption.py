@@ -1,4 +1,4 @@
-"""Ray job: batch-caption a bucket of images (phantom_ray.infer.caption), resumable and exactly once.
+"""Ray job: batch-caption a bucket of images (phantom_ray.caption), resumable and exactly once.
 
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/caption.py \
         --input s3://bucket/images/ --output s3://bucket/captions/phantom-7b/ \
@@ -14,13 +14,13 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from phantom_ray.infer.cli import add_arguments
+    from phantom_ray.caption.cli import add_arguments
 
     return add_arguments(argparse.ArgumentParser(prog="jobs/caption.py", description=__doc__.splitlines()[0]))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from phantom_ray.infer.cli import run
+    from phantom_ray.caption.cli import run
 
     return run(build_parser().parse_args(argv))
 

@@ -16,7 +16,7 @@ SUBCOMMANDS = {
     "model": "phantom_ray.model.cli",
     "data": "phantom_ray.data.cli",
     "train": "phantom_ray.train.cli",
-    "caption": "phantom_ray.infer.cli",
+    "caption": "phantom_ray.caption.cli",
     "serve": "phantom_ray.serving.cli",
     "eval": "phantom_ray.eval.cli",
     "quickstart": "phantom_ray.quickstart",

@@ -283,7 +283,7 @@ def run_quickstart(workdir: str, budget_name: str = "full", verbose: bool = Fals
     import ray
 
     from phantom_ray.data.synth import LAYOUT_FILES
-    from phantom_ray.infer.caption import CaptionConfig, caption, read_outputs
+    from phantom_ray.caption import CaptionConfig, read_outputs, run_caption as caption
     from phantom_ray.infer.api import SamplingParams
     from phantom_ray.loader import local_model_dir
     from phantom_ray.train.evaluate import choice_accuracy

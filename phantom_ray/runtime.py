@@ -39,3 +39,12 @@ def init_ray(address: str | None = None, **kw: Any):
             kw.pop(key, None)
     ray.init(address=address, **kw)
     return ray
+
+
+def resolve_num_gpus(num_gpus: float | None) -> float:
+    """GPUs per model replica: ``num_gpus`` as given, or for None one GPU when the cluster has (or can
+    autoscale to) GPUs, else 0 (CPU replicas). Starts Ray (through :func:`init_ray`) if needed."""
+    if num_gpus is not None:
+        return float(num_gpus)
+    ray = init_ray(log_to_driver=False)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0

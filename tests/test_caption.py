@@ -1,4 +1,4 @@
-"""Batch captioning (phantom_ray.infer.caption) on local Ray and moto S3, tiny preset.
+"""Batch captioning (phantom_ray.caption) on local Ray and moto S3, tiny preset.
 
 Without Ray: canonical input identity (every spelling of a folder/prefix is one key), paginated
 listing of a prefix with more keys than one listing page, the chunk plan (deterministic, reused,
@@ -30,8 +30,9 @@ import pytest
 from PIL import Image
 
 from phantom_ray import storage
-from phantom_ray.infer.caption import (ADDED_COLUMNS, CaptionConfig, caption, chunk_uri, iter_plan_rows, make_plan,
-                                       output_shards, read_outputs, read_shard)
+from phantom_ray.caption import ADDED_COLUMNS, CaptionConfig
+from phantom_ray.caption.job import run_caption as caption
+from phantom_ray.caption.plan import chunk_uri, iter_plan_rows, make_plan, output_shards, read_outputs, read_shard
 
 REPO = Path(__file__).resolve().parents[1]
 N_GOOD = 60
@@ -205,10 +206,10 @@ def test_another_input_into_the_same_output_is_refused(tmp_path):
     _write_images(str(tmp_path / "one"), 3, bad=False)
     _write_images(str(tmp_path / "two"), 3, bad=False)
     out = str(tmp_path / "out")
-    from phantom_ray.infer.caption import _check_job
+    from phantom_ray.caption.job import check_job
 
-    _check_job(_config(str(tmp_path / "one" / "images"), out))
-    _check_job(_config(str(tmp_path / "one" / "images") + "/", out))  # the same input, respelled
+    check_job(_config(str(tmp_path / "one" / "images"), out))
+    check_job(_config(str(tmp_path / "one" / "images") + "/", out))  # the same input, respelled
     with pytest.raises(ValueError, match="another input.*two/images"):
         caption(_config(str(tmp_path / "two" / "images"), out))
     with pytest.raises(ValueError, match="prompt"):
@@ -241,7 +242,7 @@ def test_cli_and_job_parsers_accept_the_interface_flags():
     import importlib.util
 
     from phantom_ray.cli import build_parser
-    from phantom_ray.infer.cli import config_from_args
+    from phantom_ray.caption.cli import config_from_args
 
     argv = ["caption", "--input", "s3://b/images/", "--output", "s3://b//captions/", "--model", "tiny-qwen2",
             "--prompt", "What is shown?", "--prompt-column", "question", "--max-new-tokens", "7", "--batch-size", "16",

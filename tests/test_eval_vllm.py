@@ -12,7 +12,7 @@ from eval_synthetic import write_synthetic_benchmark
 from phantom_ray.config import ConfigError
 from phantom_ray.eval import load_benchmark
 from phantom_ray.eval.config import EvalConfig
-from phantom_ray.infer.backends import resolve_backend, vllm_available
+from phantom_ray.infer.api import resolve_backend, vllm_available
 
 
 def test_engine_choice_with_beam_search(caplog):
@@ -26,7 +26,7 @@ def test_engine_choice_with_beam_search(caplog):
     base = {"model": "tiny-qwen2", "benchmarks": "pope", "data_root": "d", "output": "o"}
     with pytest.raises(ConfigError, match="beam search is torch-only"):
         EvalConfig.from_dict({**base, "engine": "vllm", "num_beams": 3})
-    from phantom_ray.infer.caption import CaptionConfig
+    from phantom_ray.caption import CaptionConfig
 
     with pytest.raises(ValueError, match="torch engine only"):  # captioning refuses it before Ray starts
         CaptionConfig(input="in", output="out", model="tiny-qwen2", engine="vllm",

@@ -119,7 +119,7 @@ def test_submit_training_and_captioning_jobs(ray_head, tmp_path, monkeypatch):
         runtime_env=runtime_env)
     status = _wait(client, cap_id, 600)
     assert status == "SUCCEEDED", client.get_job_logs(cap_id)[-3000:]
-    from phantom_ray.infer.caption import read_outputs
+    from phantom_ray.caption import read_outputs
 
     rows = read_outputs(str(tmp_path / "captions"))
     assert sorted(os.path.basename(r["image_uri"]) for r in rows) == sorted(p.name for p in images.iterdir())

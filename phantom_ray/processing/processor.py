@@ -414,6 +414,19 @@ class PhantomProcessor:
         pixel_values, num_tiles = self.process_images(images)
         return self._encode(messages, system, add_generation_prompt, pixel_values, num_tiles)
 
+    def encode_raw(self, text: str) -> Sample:
+        """A raw completion prompt (``/v1/completions``): the text tokenized as it is, no chat
+        template and no BOS added; special-token text (``<|im_start|>``) becomes its token, so the
+        text of a rendered chat (:meth:`build_prompt`) gives that chat's own prompt ids. Text only."""
+        if not text:
+            raise SampleError("empty_prompt", "the prompt is empty")
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        if self._reserved_ids.intersection(ids):
+            raise SampleError("reserved_token_in_text", "a completion prompt is text only: it must not contain the "
+                              "image marker tokens (<img>, <IMG_CONTEXT>, </img>); send images as a chat")
+        ids, _, _ = self._apply_length_policy(ids, ids, [], generation=True)
+        return Sample(input_ids=torch.tensor(ids, dtype=torch.long), labels=None)
+
     def encode_prompt(self, question: str, images=None, system: str | None = None) -> Sample:
         """Single-turn generation prompt (labels None), as the reference's inference prompt."""
         pixel_values, num_tiles = self.process_images(images)

@@ -3,8 +3,14 @@
 Prompts are built by our processor (chat template, tiling), exactly as the torch engine builds
 them, and handed to vLLM as token ids (with ``<img></img>`` per image, which vLLM's multimodal
 processor expands with the same tiling: see :mod:`phantom_ray.vllm.inputs`). Generated token ids
-are turned into text by the torch engine's own per-token logic (stop tokens, stop strings,
-streaming deltas), so greedy results are the same text for both backends.
+are turned into text by the engine core both backends compose (:class:`phantom_ray.infer.core.TextStream`:
+stop tokens, stop strings, UTF-8 hold-back, streaming deltas), so greedy results are the same text
+for both backends.
+
+Why this adapter lives in ``phantom_ray/vllm/`` and not in ``phantom_ray/infer/``: it imports vLLM,
+and ``infer`` is the layer below every backend (it never imports ``vllm``). ``load_engine`` finds it
+by name through the registry in :mod:`phantom_ray.infer.api` (``"vllm":
+"phantom_ray.vllm.engine:VLLMEngine"``), the way vLLM's own ``ModelRegistry`` finds our model.
 
 * :meth:`VLLMEngine.generate`: a batch through ``vllm.LLM`` (continuous batching inside one call).
 * :meth:`VLLMEngine.stream`: one request through vLLM's ``AsyncLLM``; concurrent streams share
@@ -16,8 +22,10 @@ An engine builds the sync engine on first ``generate`` and the async one on firs
 serving uses only ``stream``, captioning and eval only ``generate``.
 
 Beyond the torch engine: ``SamplingParams.logprobs`` (each token's logprob and its top k, on the
-events) and ``json_schema`` (vLLM's guided decoding). vLLM's engine metrics (Prometheus, labelled
-with ``served_model_name``) are recorded in the process that holds the async engine.
+events) and ``json_schema`` (vLLM's guided decoding, compact JSON). vLLM's engine metrics
+(Prometheus, labelled with ``served_model_name``) are recorded in the process that holds the async
+engine. Concurrency is vLLM's own (``max_num_seqs``, ``max_num_batched_tokens``; unset: vLLM's
+defaults for the device).
 
 Not supported (a clear error per request, never a different answer): beam search
 (``num_beams > 1``: use the torch engine), prompts whose first token is not the template's (a
@@ -35,7 +43,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
 
 from phantom_ray.infer.api import Event, Generation, Request, SamplingParams
-from phantom_ray.infer.torch_engine import NullMetrics, TorchEngine, _Row, encode_raw_prompt, error_event, failed
+from phantom_ray.infer.core import NullMetrics, TextStream, error_event, error_generation
 from phantom_ray.processing import ProcessingError, Sample
 from phantom_ray.processing.errors import SampleError
 from phantom_ray.vllm.inputs import phantom_token_id, vllm_prompt
@@ -51,13 +59,6 @@ def _default_dtype() -> str:
 
 class VLLMEngine:
     backend = "vllm"
-
-    # the torch engine's token -> text logic, reused so both backends give the same text and events
-    _step = TorchEngine._step
-    _emit = TorchEngine._emit
-    _send = TorchEngine._send
-    _finish = TorchEngine._finish
-    _decoded = TorchEngine._decoded
 
     def __init__(self, model_dir: str | Path, processor, *, model_id: str | None = None,
                  engine_args: dict[str, Any] | None = None, metrics=None):
@@ -166,7 +167,7 @@ class VLLMEngine:
             raise SampleError("unsupported_parameter",
                               "beam search (num_beams > 1) is not available on the vllm engine; use engine torch")
         if request.prompt is not None:
-            sample = encode_raw_prompt(self.processor, request.prompt)
+            sample = self.processor.encode_raw(request.prompt)
         else:
             sample = self.processor.encode(request.messages, images=list(request.images) or None,
                                            system=request.system, add_generation_prompt=True)
@@ -228,7 +229,7 @@ class VLLMEngine:
             text = cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return text
 
-    def _logprob_entries(self, token_ids: Sequence[int], logprobs, k: int, stops: set[int]) -> list[dict]:
+    def _logprob_entries(self, token_ids: Sequence[int], logprobs, k: int, stops: frozenset[int]) -> list[dict]:
         """OpenAI-style entries of generated tokens (stop tokens left out, as they are of the text)."""
         out = []
         for tok, lps in zip(token_ids, logprobs or ()):
@@ -243,37 +244,34 @@ class VLLMEngine:
                                           "logprob": float(lp.logprob)} for t, lp in top]})
         return out
 
-    def _replay(self, row: _Row, token_ids: Sequence[int]) -> None:
-        stops = set() if row.params.ignore_eos else set(self.processor.stop_token_ids)
-        for tok in token_ids:
-            if row.done:
-                break
-            self._step(row, int(tok), stops)
+    def text_stream(self, sample: Sample, params: SamplingParams, key: str, sink=None) -> TextStream:
+        """The per-request text stream of a prepared prompt (see :mod:`phantom_ray.infer.core`)."""
+        stops = frozenset() if params.ignore_eos else frozenset(self.processor.stop_token_ids)
+        return TextStream(params, key, self.processor.decode, stops, prompt_tokens=len(sample),
+                          num_tiles=sum(sample.num_tiles), sink=sink, metrics=self.metrics, prompt=sample)
 
     # ---- batch generation --------------------------------------------------------------------------
     def generate(self, requests: Sequence[Request], **_unused) -> list[Generation]:
         """One Generation per request, in order; a request that cannot be served gives an error row."""
-        rows: list[tuple[int, _Row, list]] = []
+        rows: list[tuple[int, TextStream, list]] = []
         out: list[Generation | None] = [None] * len(requests)
         for i, r in enumerate(requests):
             try:
                 sample = self.prepare(r)
             except ProcessingError as exc:
-                out[i] = failed(exc)
+                out[i] = error_generation(exc)
                 continue
-            rows.append((i, _Row(sample, r.params, r.key or str(i)), list(r.images)))
+            rows.append((i, self.text_stream(sample, r.params, r.key or str(i)), list(r.images)))
         if rows:
             llm = self._sync_engine()
-            prompts = [vllm_prompt(self.processor, row.sample, ims) for _, row, ims in rows]
+            prompts = [vllm_prompt(self.processor, row.prompt, ims) for _, row, ims in rows]
             params = [self._vllm_params(row.params, row.key) for _, row, _ in rows]
             results = llm.generate(prompts, params, use_tqdm=False)
             for (i, row, _), res in zip(rows, results):
-                self._replay(row, res.outputs[0].token_ids)
+                row.add_tokens(res.outputs[0].token_ids)
                 if not row.done:
-                    self._finish(row, "length")
-                out[i] = Generation(text=row.text, finish_reason=row.finish_reason, prompt_tokens=len(row.sample),
-                                    completion_tokens=row.completion_tokens, num_tiles=sum(row.sample.num_tiles),
-                                    latency_s=time.monotonic() - row.submitted)
+                    row.finish("length")
+                out[i] = row.generation()
         return out  # type: ignore[return-value]
 
     # ---- streaming ---------------------------------------------------------------------------------
@@ -287,26 +285,25 @@ class VLLMEngine:
             return
         engine = self._async_engine()
         events: list[Event] = []
-        row = _Row(sample, request.params, request.key or f"stream-{next(self._ids)}", sink=events.append)
+        row = self.text_stream(sample, request.params, request.key or f"stream-{next(self._ids)}", sink=events.append)
         rid = f"phantom-{os.getpid()}-{next(self._ids)}"
         prompt = vllm_prompt(self.processor, sample, list(request.images))
         vllm_done = False
         want_lp = request.params.logprobs
-        stops = set() if row.params.ignore_eos else set(self.processor.stop_token_ids)
         pending_lp: list[dict] = []
         try:
             async for res in engine.generate(prompt, self._vllm_params(row.params, row.key, delta=True), rid):
                 vllm_done = res.finished
                 out = res.outputs[0]
                 before = row.completion_tokens
-                self._replay(row, out.token_ids)
-                if want_lp is not None:  # the tokens this row took (none past its own end)
+                row.add_tokens(out.token_ids)
+                if want_lp is not None:  # the tokens this request took (none past its own end)
                     used = row.completion_tokens - before
                     pending_lp += self._logprob_entries(out.token_ids[:used], (out.logprobs or [])[:used], want_lp,
-                                                        stops)
+                                                        row.stop_token_ids)
                 if res.finished and not row.done:
                     # vLLM's own stop (the eos a JSON grammar allows once the answer is complete)
-                    self._finish(row, "stop" if out.finish_reason == "stop" else "length")
+                    row.finish("stop" if out.finish_reason == "stop" else "length")
                 while events:
                     event = events.pop(0)
                     if want_lp is not None and pending_lp:

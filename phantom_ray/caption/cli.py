@@ -20,7 +20,7 @@ import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from phantom_ray.infer.caption import DEFAULT_PROMPT
+    from phantom_ray.caption.config import DEFAULT_PROMPT
 
     p.add_argument("--input", required=True,
                    help="images: s3://bucket/prefix or a local directory (listed page by page, filtered by image "
@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     """Flags -> CaptionConfig (validated; paths canonicalised here, on the driver)."""
-    from phantom_ray.infer.caption import CaptionConfig
+    from phantom_ray.caption.config import CaptionConfig
 
     # the sampling seed is part of the recorded settings only when sampling (temperature > 0), so greedy
     # runs record the same settings however launched (CLI or Python API)
@@ -86,8 +86,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from phantom_ray.infer.caption import _ensure_ray, caption, format_summary
-
+    from phantom_ray.caption.job import format_summary, run_caption
     from phantom_ray.logs import setup_logging
 
     logs = setup_logging(None, verbose=args.verbose, name="caption")
@@ -97,9 +96,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"phantom-ray caption: {exc}", file=sys.stderr)
         return 2
     logs.init_ray(args.ray_address)
-    _ensure_ray(args.ray_address)
     try:
-        summary = caption(cfg)
+        summary = run_caption(cfg)
     except (ValueError, FileNotFoundError) as exc:
         print(f"phantom-ray caption: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,198 @@
+"""The Ray Data worker stage of captioning: ``ChunkCaptioner``, a callable class on the autoscaling
+actor pool. Each actor holds one engine (``load_engine(model, backend=...)``); per chunk id it reads
+the chunk's plan rows, fetches and opens their images on I/O threads ahead of the model, generates,
+and writes the chunk's shard itself in one atomic PUT/rename. Only counts go back to the driver.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from phantom_ray import storage
+from phantom_ray.caption.config import ADDED_COLUMNS
+from phantom_ray.caption.plan import URI_COLUMN, chunk_uri, parquet_bytes, read_shard, shard_name, table_from_rows
+from phantom_ray.infer.api import SamplingParams
+
+METADATA_KEY = b"phantom_ray.caption"
+
+
+def _added_arrays(n: int):
+    return {c: [None] * n for c in ADDED_COLUMNS}
+
+
+def _output_table(plan_table, added: dict[str, list], job: dict):
+    import pyarrow as pa
+
+    table = plan_table.drop_columns([URI_COLUMN])
+    types = {"caption": pa.string(), "prompt": pa.string(), "prompt_tokens": pa.int32(),
+             "generated_tokens": pa.int32(), "finish_reason": pa.string(), "latency_s": pa.float32(),
+             "error": pa.string(), "error_detail": pa.string()}
+    for c in ADDED_COLUMNS:
+        if c in table.column_names:  # --prompt-column prompt: the manifest's own column is the prompt
+            continue
+        table = table.append_column(pa.field(c, types[c]), pa.array(added[c], type=types[c]))
+    meta = dict(table.schema.metadata or {})
+    meta[METADATA_KEY] = json.dumps(job, sort_keys=True).encode()
+    return table.replace_schema_metadata(meta)
+
+
+def _encode_shard(table, fmt: str) -> bytes:
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in table.to_pylist()).encode()
+    return parquet_bytes(table)
+
+
+
+
+def _fetch_and_open(uri: str, limits):
+    """One row's image: read its bytes (local path or ``s3://``) and open them with the one
+    image-ingest function (``phantom_ray.ingest.open_image``: byte, pixel, aspect and format limits).
+    Raises ``phantom_ray.ingest.InputError`` (``FetchError`` / ``ImageError``) with a reason code."""
+    from phantom_ray.ingest import FetchError, open_image
+
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError as exc:
+        raise FetchError("not_found", f"cannot read {uri}: {exc}") from None
+    except OSError as exc:  # PermissionError, a directory, network
+        raise FetchError("fetch_failed", f"cannot read {uri}: {exc}") from None
+    return open_image(data, limits, what=uri)
+
+
+def load_caption_engine(model_id: str, backend: str, *, num_gpus: float, dtype: str, seed: int, max_length: int,
+                        attn_implementation: str, batch_size: int):
+    """The engine of one model replica: ``load_engine(model, backend=...)`` on this replica's device."""
+    from phantom_ray.infer.api import load_engine
+    from phantom_ray.loader import default_device
+
+    return load_engine(model_id, backend=backend, device=default_device(num_gpus), dtype=dtype, seed=seed,
+                       max_length=max_length, attn_implementation=attn_implementation, max_batch_size=batch_size)
+
+
+def _shard_counts(table) -> dict[str, Any]:
+    import pyarrow.compute as pc
+
+    errors = collections.Counter(e for e in table.column("error").to_pylist() if e)
+    return {"rows": table.num_rows, "errors": json.dumps(dict(errors)),
+            "prompt_tokens": int(pc.sum(table.column("prompt_tokens")).as_py() or 0),
+            "generated_tokens": int(pc.sum(table.column("generated_tokens")).as_py() or 0)}
+
+
+class ChunkCaptioner:
+    """map_batches callable class on the autoscaling actor pool: holds one engine; per chunk id it
+    reads the chunk's plan rows, captions them and writes the chunk's shard itself. Returns counts
+    only, so nothing but a few integers per chunk travels back to the driver."""
+
+    def __init__(self, job: dict, num_gpus: float = 0.0, torch_threads: int | None = None):
+        import warnings
+
+        from phantom_ray.ingest import DEFAULT_LIMITS, ImageLimits
+
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        self.job = job
+        self.sampling = SamplingParams(**{**job["sampling"], "stop": tuple(job["sampling"].get("stop", ()))})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the driver already warned about preset weights
+            self.engine = load_caption_engine(job["model"], job["engine"], num_gpus=num_gpus, dtype=job["dtype"],
+                                              seed=job["seed"], max_length=job["max_length"],
+                                              attn_implementation=job["attn_implementation"],
+                                              batch_size=job["batch_size"])
+        self.limits = ImageLimits(max_bytes=job["max_image_bytes"] or DEFAULT_LIMITS.max_bytes,
+                                  max_pixels=job["max_pixels"] or DEFAULT_LIMITS.max_pixels)
+        self.pool = ThreadPoolExecutor(max(1, job["io_threads"]), thread_name_prefix="caption-io")
+
+    def __call__(self, batch: dict) -> dict:
+        out: dict[str, list] = collections.defaultdict(list)
+        for i in batch["chunk"]:
+            t0 = time.perf_counter()
+            counts = self.caption_chunk(int(i))
+            out["chunk"].append(int(i))
+            out["busy_s"].append(time.perf_counter() - t0)
+            for k, v in counts.items():
+                out[k].append(v)
+        return dict(out)
+
+    def caption_chunk(self, i: int) -> dict[str, Any]:
+        import pyarrow.parquet as pq
+
+        job = self.job
+        shard = storage.join(job["output"], shard_name(i, job["format"]))
+        if storage.exists(shard):
+            # a retried task whose first attempt wrote the shard before its actor died: same rows
+            if job["format"] == "parquet":
+                table = pq.read_table(io.BytesIO(storage.read_bytes(shard)))
+            else:
+                table = table_from_rows(read_shard(shard))
+            return {**_shard_counts(table), "written": False}
+        plan = pq.read_table(io.BytesIO(storage.read_bytes(chunk_uri(job["output"], i))))
+        uris = plan.column(URI_COLUMN).to_pylist()
+        n = len(uris)
+        pcol = job["prompt_column"]
+        prompts = plan.column(pcol).to_pylist() if pcol else [job["prompt"]] * n
+        added = _added_arrays(n)
+        added["prompt"] = [p if isinstance(p, str) else None for p in prompts]
+        bs = job["batch_size"]
+
+        def load(j: int):
+            return _fetch_and_open(uris[j], self.limits)
+
+        # images are fetched and opened on I/O threads, up to two batches ahead of the model
+        futures: dict[int, Any] = {}
+        submitted = 0
+
+        def submit_upto(k: int) -> int:
+            for j in range(submitted, min(n, k)):
+                futures[j] = self.pool.submit(load, j)
+            return max(submitted, min(n, k))
+
+        submitted = submit_upto(3 * bs)
+        from phantom_ray.infer.api import Request
+        from phantom_ray.ingest import InputError
+
+        for start in range(0, n, bs):
+            idx, reqs = [], []
+            for j in range(start, min(n, start + bs)):
+                fut = futures.pop(j)
+                prompt = added["prompt"][j]
+                try:
+                    img = fut.result()
+                except InputError as exc:
+                    added["error"][j], added["error_detail"][j] = exc.reason, exc.detail
+                    continue
+                if not prompt:
+                    added["error"][j] = "missing_prompt"
+                    added["error_detail"][j] = f"row {j} of chunk {i}: column {pcol!r} is empty or not text"
+                    continue
+                idx.append(j)
+                reqs.append(Request.user(prompt, images=[img], params=self.sampling, key=uris[j]))
+            submitted = submit_upto(start + 4 * bs)
+            if reqs:
+                for j, g in zip(idx, self.engine.generate(reqs)):
+                    added["caption"][j] = g.text.strip() if g.text is not None else None  # the answer, unpadded
+                    added["prompt_tokens"][j] = g.prompt_tokens
+                    added["generated_tokens"][j] = g.completion_tokens
+                    added["finish_reason"][j] = g.finish_reason
+                    added["latency_s"][j] = g.latency_s
+                    added["error"][j], added["error_detail"][j] = g.error, g.error_detail
+        for j in range(n):
+            if added["error"][j] is not None:
+                added["caption"][j] = None
+            for c in ("prompt_tokens", "generated_tokens"):
+                if added[c][j] is None:
+                    added[c][j] = 0
+        table = _output_table(plan, added, job["record"])
+        storage.write_bytes_atomic(shard, _encode_shard(table, job["format"]))
+        return {**_shard_counts(table), "written": True}
+
+
+
+
+__all__ = ["ChunkCaptioner", "load_caption_engine", "METADATA_KEY"]
