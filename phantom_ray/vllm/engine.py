@@ -18,8 +18,12 @@ by name through the registry in :mod:`phantom_ray.infer.api` (``"vllm":
   process, which registers the model through the ``vllm.general_plugins`` entry point: the
   package must be installed (``pip install -e .``), as ``make install`` does.
 
-An engine builds the sync engine on first ``generate`` and the async one on first ``stream``;
-serving uses only ``stream``, captioning and eval only ``generate``.
+An engine builds the sync engine on first ``generate`` and the async one on first ``stream`` or
+``submit``. Serving uses ``stream``; captioning and eval use :meth:`VLLMEngine.submit` (one request
+in, a future of its Generation out, from any thread), so a replica keeps hundreds of requests in
+flight in vLLM's continuous batching instead of one blocking ``generate`` per small batch; the async
+engine then lives on a background event-loop thread of the engine. ``generate`` (``vllm.LLM``) is
+the offline path (benchmarks, ``ask``).
 
 Beyond the torch engine: ``SamplingParams.logprobs`` (each token's logprob and its top k, on the
 events) and ``json_schema`` (vLLM's guided decoding, compact JSON). vLLM's engine metrics
@@ -274,6 +278,45 @@ class VLLMEngine:
                 out[i] = row.generation()
         return out  # type: ignore[return-value]
 
+    # ---- many requests in flight from synchronous callers (captioning, eval) -------------------------
+    def submit(self, request: Request):
+        """Start one request on the async engine; returns a ``concurrent.futures.Future`` of its
+        :class:`Generation` (an error Generation for a request that cannot be served). Thread-safe:
+        the requests of several callers share vLLM's batches."""
+        return asyncio.run_coroutine_threadsafe(self._complete(request), self._background_loop())
+
+    def _background_loop(self) -> asyncio.AbstractEventLoop:
+        import threading
+
+        with self.__dict__.setdefault("_loop_lock", threading.Lock()):
+            loop = self.__dict__.get("_loop")
+            if loop is None:
+                loop = self._loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="vllm-engine-loop", daemon=True).start()
+        return loop
+
+    async def _complete(self, request: Request) -> Generation:
+        try:
+            # tokenising and the image opening of vllm_prompt off the loop: other requests keep flowing
+            sample, prompt = await asyncio.to_thread(self._prepare_prompt, request)
+        except ProcessingError as exc:
+            return error_generation(exc)
+        engine = self._async_engine()
+        row = self.text_stream(sample, request.params, request.key or f"submit-{next(self._ids)}")
+        rid = f"phantom-{os.getpid()}-{next(self._ids)}"
+        final = None
+        async for res in engine.generate(prompt, self._vllm_params(row.params, row.key), rid):
+            final = res
+        out = final.outputs[0]
+        row.add_tokens(out.token_ids)
+        if not row.done:
+            row.finish("stop" if out.finish_reason == "stop" else "length")
+        return row.generation()
+
+    def _prepare_prompt(self, request: Request):
+        sample = self.prepare(request)
+        return sample, vllm_prompt(self.processor, sample, list(request.images))
+
     # ---- streaming ---------------------------------------------------------------------------------
     async def stream(self, request: Request) -> AsyncIterator[Event]:
         """Events of one request: ``delta`` pieces, then one ``done`` or one ``error``."""
@@ -320,6 +363,9 @@ class VLLMEngine:
         if self._async is not None:
             self._async.shutdown()
             self._async = None
+        loop = self.__dict__.pop("_loop", None)
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
         if self._llm is not None:
             llm, self._llm = self._llm, None
             del llm
