@@ -115,3 +115,13 @@ def test_metrics_prometheus_text(client):
     fams = {f.name: f for f in text_string_to_metric_families(resp.text)}
     tokens = fams["phantom_completion_tokens"].samples[0]
     assert tokens.labels == {"model_name": MODEL, "replica": "r0"} and tokens.value > 0
+
+
+def test_merge_prometheus_labels_replicas_and_joins_families():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    a = "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 2.0\n"
+    b = "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"m\"} 3.0\n"
+    fams = list(text_string_to_metric_families(merge_prometheus([("r1", a), ("r2", b)])))
+    assert len(fams) == 1
+    assert sorted((s.labels["replica"], s.value) for s in fams[0].samples) == [("r1", 2.0), ("r2", 3.0)]

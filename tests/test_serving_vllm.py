@@ -39,9 +39,31 @@ def test_model_spec_vllm_options():
     assert spec.deployment_options()["ray_actor_options"]["runtime_env"] == {"env_vars": {"A": "1"}}
     with pytest.raises(ConfigError, match="only apply to engine vllm"):
         ModelSpec.from_dict({"name": "m", "checkpoint": "tiny-qwen2", "engine": "torch", "block_size": 32})
+    # concurrency is vLLM's own: its settings pass through, the torch engine's batching is refused
+    spec = ModelSpec.from_dict({"name": "m", "checkpoint": "tiny-qwen2", "engine": "vllm", "max_num_seqs": 512,
+                                "max_num_batched_tokens": 8192})
+    assert spec.engine_options()["max_num_seqs"] == 512 and spec.engine_options()["max_num_batched_tokens"] == 8192
+    assert "max_num_seqs" not in ModelSpec.from_dict({"name": "m", "checkpoint": "x", "engine": "vllm"}).engine_options()
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        ModelSpec.from_dict({"name": "m", "checkpoint": "tiny-qwen2", "engine": "vllm", "max_batch_size": 16})
+    with pytest.raises(ConfigError, match="only apply to engine vllm"):
+        ModelSpec.from_dict({"name": "m", "checkpoint": "tiny-qwen2", "engine": "torch", "max_num_seqs": 8})
     with pytest.raises(ConfigError, match="not both"):
         ModelSpec.from_dict({"name": "m", "checkpoint": "tiny-qwen2", "engine": "vllm",
                              "kv_cache_memory_bytes": 1, "gpu_memory_utilization": 0.5})
+
+
+def test_vllm_concurrency_defaults_are_vllms():
+    """Unset, vLLM picks max_num_seqs / max_num_batched_tokens for the device; max_batch_size (the
+    torch engine's) never becomes max_num_seqs."""
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    from phantom_ray.vllm.engine import VLLMEngine
+
+    args = VLLMEngine.load(MODEL, max_batch_size=16, max_length=256).engine_args
+    assert "max_num_seqs" not in args and "max_num_batched_tokens" not in args
+    args = VLLMEngine.load(MODEL, max_num_seqs=300, max_num_batched_tokens=4096, served_model_name="m",
+                           max_length=256).engine_args
+    assert (args["max_num_seqs"], args["max_num_batched_tokens"], args["served_model_name"]) == (300, 4096, "m")
 
 
 @pytest.fixture(scope="module")
