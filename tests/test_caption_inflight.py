@@ -83,3 +83,18 @@ def test_submit_path_equals_batched_path_and_keeps_requests_in_flight(tmp_path, 
     assert [r["error"] for r in rows_fast] == [r["error"] for r in rows_slow]
     assert rows_fast[-1]["error"] == "undecodable_image" and rows_fast[0]["caption"] == "w10"
     assert 1 < fast.engine.peak <= 16, fast.engine.peak  # many in flight, never more than the window
+
+
+def test_token_ids_without_pixels_equal_the_tiled_prompt():
+    """The vllm engine's prompts skip our tiling (vLLM tiles the images itself): the same ids and
+    tile counts as the full encode, for every grid shape."""
+    from phantom_ray.loader import load_model
+
+    proc = load_model("tiny-qwen2", device="cpu", dtype="float32").processor
+    chat = [{"role": "user", "content": "<image>hi"}]
+    for w, h in [(10, 10), (448, 100), (1000, 300), (30, 900), (896, 448), (2000, 2000)]:
+        im = Image.fromarray(np.zeros((h, w, 3), dtype=np.uint8))
+        full = proc.encode(chat, images=[im], add_generation_prompt=True)
+        ids_only = proc.encode(chat, images=[im], add_generation_prompt=True, with_pixels=False)
+        assert ids_only.pixel_values is None and ids_only.num_tiles == full.num_tiles, (w, h)
+        assert ids_only.input_ids.tolist() == full.input_ids.tolist(), (w, h)

@@ -173,8 +173,9 @@ class VLLMEngine:
         if request.prompt is not None:
             sample = self.processor.encode_raw(request.prompt)
         else:
+            # token ids and tile counts only: vLLM's multimodal processor tiles the images itself
             sample = self.processor.encode(request.messages, images=list(request.images) or None,
-                                           system=request.system, add_generation_prompt=True)
+                                           system=request.system, add_generation_prompt=True, with_pixels=False)
         sample.labels = None
         if request.params.json_schema is not None:
             self._structured(request.params.json_schema)  # a schema vLLM cannot compile: this request's 400
