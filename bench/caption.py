@@ -116,7 +116,7 @@ def vs_engine(args) -> int:
     try:
         images = _folder(tmp / "in", args.speed_images)
         cmd = [sys.executable, "-m", "phantom_ray.cli", "caption", "--input", str(images), "--output",
-               str(tmp / "out"), "--model", args.model, "--engine", "vllm", "--max-new-tokens",
+               str(tmp / "out"), "--model", args.model, "--engine", "vllm", "--prompt", PROMPT, "--max-new-tokens",
                str(args.max_new_tokens), "--shard-size", str(args.shard_size), "--num-gpus", str(args.num_gpus),
                "--num-cpus", str(args.replica_cpus), "--min-replicas", "1", "--max-replicas", "1", "--no-progress"]
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
