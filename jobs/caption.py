@@ -1,8 +1,8 @@
 """Ray job: batch-caption a bucket of images (phantom_ray.caption), resumable and exactly once.
 
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/caption.py \
-        --input s3://bucket/images/ --output s3://bucket/captions/phantom-7b/ \
-        --model s3://bucket/export/phantom-7b --min-replicas 1 --max-replicas 16 --num-gpus 1
+        --input s3://phantom-ray/images/unlabelled/ --output s3://phantom-ray/captions/phantom-7b/unlabelled/ \
+        --model s3://phantom-ray/models/phantom-7b --engine vllm --num-gpus 1 --min-replicas 1 --max-replicas 32
 
 Submitting the same command again after a failure captions only what is missing.
 """

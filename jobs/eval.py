@@ -2,8 +2,9 @@
 through the Ray Data actor pool of phantom_ray.infer.
 
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/eval.py \
-        --model s3://bucket/export/phantom-7b --benchmarks sqa,pope,chartqa \
-        --data-root s3://bucket/eval_data --output s3://bucket/eval/phantom-7b --num-beams 3
+        --config configs/eval/phantom-7b.yaml          # or the same fields as flags:
+    python jobs/eval.py --model s3://phantom-ray/models/phantom-7b --benchmarks sqa,pope,chartqa \
+        --data-root s3://phantom-ray/benchmarks --output s3://phantom-ray/eval/phantom-7b --num-beams 3
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/init.py \
         --size phantom-7b --source OpenGVLab/InternVL2-8B \
-        --output s3://phantom-ray-models/init/phantom-7b-internvl2-init
+        --output s3://phantom-ray/init/phantom-7b
 
 Same arguments as ``phantom-ray model init`` (docs/checkpoints.md has the command for every size and the
 ``--vision OpenGVLab/InternViT-300M-448px --llm <base LLM>`` route). The conversion runs in the job's

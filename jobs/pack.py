@@ -1,8 +1,8 @@
 """Ray job entry point: pack a corpus into parquet shards in object storage (thin: parse -> build -> run).
 
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/pack.py \
-        --input s3://my-bucket/raw/sharegpt4v/sharegpt4v_instruct.json --layout llava \
-        --image-root s3://my-bucket/raw/sharegpt4v --output s3://my-bucket/packed/sharegpt4v
+        --input s3://phantom-ray/corpora/phantom-triples/ --layout triples \
+        --output s3://phantom-ray/packed/phantom-triples
 
 Same arguments as ``phantom-ray data pack``. Packing runs as Ray tasks (one per chunk) on the CPU
 worker group and is resumable: submitting the same command again skips the shards already written.

@@ -3,7 +3,7 @@
     ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/train.py --config configs/train/phantom-7b-step1.yaml
 
     (smoke run: --config configs/train/tiny-cpu.yaml; dotted overrides follow the config,
-    e.g. run.storage_path=s3://my-bucket/runs optim.lr=1e-4)
+    e.g. run.storage_path=s3://phantom-ray/runs optim.lr=1e-4)
 
 Same arguments as ``phantom-ray train``: ``--config PATH [dotted.key=value ...]``.
 """

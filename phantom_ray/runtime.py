@@ -46,5 +46,42 @@ def resolve_num_gpus(num_gpus: float | None) -> float:
     autoscale to) GPUs, else 0 (CPU replicas). Starts Ray (through :func:`init_ray`) if needed."""
     if num_gpus is not None:
         return float(num_gpus)
-    ray = init_ray(log_to_driver=False)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    init_ray(log_to_driver=False)
+    return 1.0 if cluster_ceiling("GPU") > 0 else 0.0
+
+
+def cluster_ceiling(resource: str) -> float:
+    """How much of ``resource`` the running cluster can have once its autoscaler has added every node
+    it may: the autoscaler's cluster config where Ray exposes it (KubeRay and the cluster launcher
+    publish each node group's resources and max count; Ray Train and Ray Data read the same figure),
+    else (a fixed cluster, a local Ray) the cluster's resources now; the larger of the two. A node
+    group without a max count gives ``sys.maxsize``. Call after Ray is initialised."""
+    import ray
+
+    limits: dict | None = None
+    try:
+        from ray._private import state as _state
+
+        limits = _state.state.get_max_resources_from_cluster_config()
+    except Exception as exc:  # an older Ray, or no GCS cluster config: fall back to the resources now
+        logging.getLogger(__name__).debug("no autoscaler cluster config (%s); using current resources", exc)
+    return max(float(ray.cluster_resources().get(resource, 0)), float((limits or {}).get(resource, 0) or 0))
+
+
+def max_replicas(num_gpus: float, num_cpus: float) -> int | None:
+    """The most replicas asking ``num_gpus`` / ``num_cpus`` each that the running cluster can hold
+    once its autoscaler has added every node it may (:func:`cluster_ceiling`); ``None`` when a node
+    group the replica fits on has no max count (the pool may grow without bound). At least 1."""
+    import sys
+
+    counts = []
+    if num_gpus > 0:
+        counts.append(cluster_ceiling("GPU") / num_gpus)
+    if num_cpus > 0:
+        counts.append(cluster_ceiling("CPU") / num_cpus)
+    if not counts:
+        return 1
+    n = min(counts)
+    if n >= sys.maxsize / 2:
+        return None
+    return max(1, int(n + 1e-9))

@@ -44,7 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     r = p.add_argument_group("resources")
     r.add_argument("--batch-size", type=int, default=8, help="images per generate call on each replica")
     r.add_argument("--min-replicas", type=int, default=1, help="autoscaling actor pool: fewest model replicas")
-    r.add_argument("--max-replicas", type=int, default=1, help="autoscaling actor pool: most model replicas")
+    r.add_argument("--max-replicas", type=int, default=None,
+                   help="autoscaling actor pool: most model replicas (default: as many as the cluster can hold once "
+                        "its autoscaler has added every node it may, at most one per chunk; docs/cluster.md#captioning)")
     r.add_argument("--num-gpus", type=float, default=None,
                    help="GPUs per replica (0.5 puts two replicas on a GPU; default 1 if the cluster has GPUs, else 0)")
     r.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")

@@ -33,7 +33,7 @@ class CaptionConfig(Config):
     engine: Literal["auto", "torch", "vllm"] = "auto"
     batch_size: int = 8                  # images per generate call (torch); vllm: >= 256 in flight per chunk
     min_replicas: int = 1                # autoscaling actor pool bounds
-    max_replicas: int = 1
+    max_replicas: int | None = None      # None: what the cluster can grow to (phantom_ray.runtime.max_replicas)
     num_gpus: float | None = None        # per replica; fractional shares a GPU; None: 1 if the cluster has GPUs
     num_cpus: float = 1.0                # per replica
     io_threads: int = 8                  # per replica: threads fetching and opening images ahead of the model
@@ -72,8 +72,8 @@ class CaptionConfig(Config):
 
     @field_validator("batch_size", "shard_size", "min_replicas", "max_replicas", "io_threads", "list_page_size")
     @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
+    def _positive(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
             raise ValueError(f"must be >= 1, got {v}")
         return v
 
@@ -93,7 +93,7 @@ class CaptionConfig(Config):
 
     @model_validator(mode="after")
     def _replicas(self) -> "CaptionConfig":
-        if self.min_replicas > self.max_replicas:
+        if self.max_replicas is not None and self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
         if self.engine == "vllm" and self.sampling.num_beams > 1:  # refused before Ray starts
             from phantom_ray.infer.api import resolve_backend

@@ -97,6 +97,7 @@ def run_caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = Non
     processed = prompt_tokens = generated_tokens = written = 0
     busy = 0.0
     t_first = None
+    replicas: tuple[int, int | None] = (cfg.min_replicas, cfg.max_replicas)
     if pending:
         init_ray(log_to_driver=False)
         num_gpus = resolve_num_gpus(cfg.num_gpus)
@@ -110,8 +111,9 @@ def run_caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = Non
         ds = ray.data.from_items([{"chunk": i} for i in pending], override_num_blocks=len(pending))
         # one torch thread per CPU the replica reserves, so replicas sharing a node do not oversubscribe it
         threads = max(1, int(cfg.num_cpus)) if num_gpus == 0 else None
+        replicas = replica_bounds(cfg, num_gpus, len(pending))
         ds = ds.map_batches(
-            ChunkCaptioner, batch_size=1, compute=actor_pool(engine, cfg.min_replicas, cfg.max_replicas),
+            ChunkCaptioner, batch_size=1, compute=actor_pool(engine, replicas[0], replicas[1]),
             num_gpus=num_gpus, num_cpus=cfg.num_cpus,
             fn_constructor_kwargs={"job": job, "num_gpus": num_gpus, "torch_threads": threads},
             runtime_env=storage.storage_runtime_env())  # S3 settings reach the actors through Ray
@@ -153,10 +155,25 @@ def run_caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = Non
         "steady_images_per_s": (processed - first_rows) / steady if steady > 0 else None,
         # time the replicas spent on chunks (fetch, open, generate, write), summed over replicas
         "replica_busy_s": busy, "images_per_replica_busy_s": processed / busy if busy > 0 else None,
-        "replicas": [cfg.min_replicas, cfg.max_replicas], "batch_size": cfg.batch_size,
+        "replicas": list(replicas), "batch_size": cfg.batch_size,
     }
     storage.write_text_atomic(storage.join(cfg.output, SUMMARY_FILE), json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def replica_bounds(cfg: CaptionConfig, num_gpus: float, chunks: int) -> tuple[int, int]:
+    """The actor pool's (min, max) replicas. ``max_replicas`` unset: as many as the cluster can hold
+    once its autoscaler has grown (:func:`phantom_ray.runtime.max_replicas`), and never more than
+    there are chunks to caption (a replica without a chunk only loads a model)."""
+    from phantom_ray.runtime import max_replicas
+
+    high = cfg.max_replicas
+    if high is None:
+        ceiling = max_replicas(num_gpus, cfg.num_cpus)
+        high = chunks if ceiling is None else min(ceiling, chunks)
+        log.info("replicas: %d..%d (the cluster can hold %s; %d chunks to do)", cfg.min_replicas,
+                 max(high, cfg.min_replicas), "any number" if ceiling is None else ceiling, chunks)
+    return cfg.min_replicas, max(high, cfg.min_replicas)
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -34,7 +34,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 INIT_EXAMPLE = ("phantom-ray model init --size phantom-0.5b --source OpenGVLab/InternVL2-1B "
-                "--output s3://phantom-ray-models/init/phantom-0.5b-internvl2-init")
+                "--output s3://phantom-ray/init/phantom-0.5b")
 
 
 def _init(args: argparse.Namespace) -> int:
