@@ -98,6 +98,9 @@ def test_export_files_carry_the_template(family):
     assert (d / "chat_template.jinja").read_text() == want
     assert json.loads((d / "tokenizer_config.json").read_text())["chat_template"] == want
     assert tok.chat_template == want
+    # where vLLM and transformers read a model's stop ids: the processor's stop tokens
+    gen = json.loads((d / "generation_config.json").read_text())["eos_token_id"]
+    assert sorted(gen if isinstance(gen, list) else [gen]) == sorted(PhantomProcessor(config, tok).stop_token_ids)
 
 
 def test_template_refuses_what_the_processor_refuses(family):

@@ -68,13 +68,13 @@ def test_unsupported_requests_are_error_rows(engines):
 
 def test_load_engine_picks_vllm_backend():
     """``load_engine(..., backend="vllm")`` gives a VLLMEngine that satisfies the Engine protocol and
-    expects the first token our processor puts in front of every prompt (no vLLM engine starts here)."""
+    builds the torch engine's prompt (no vLLM engine starts here)."""
     from phantom_ray.infer.api import Engine, load_engine
     from phantom_ray.vllm.engine import VLLMEngine
 
     e = load_engine("tiny-qwen2", backend="vllm", **OPTS)
     assert isinstance(e, VLLMEngine) and isinstance(e, Engine) and e.backend == "vllm"
-    assert int(e.prepare(Request.user("Hi")).input_ids[0]) == e.first_token_id
+    assert e.prepare(Request.user("Hi")).input_ids.tolist() == e.processor.encode_prompt("Hi").input_ids.tolist()
     e.close()
 
 

@@ -302,7 +302,7 @@ def _token_str(t) -> str | None:
 # ------------------------------------------------------------------------------------------------
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "added_tokens.json",
-                    "special_tokens_map.json", "vocab.json", "merges.txt", "config.json")
+                    "special_tokens_map.json", "vocab.json", "merges.txt", "config.json", "chat_template.jinja")
 
 
 def _download_hub(repo_id: str) -> Path:
@@ -383,7 +383,8 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 def tokenizer_files(tokenizer, config: PhantomConfig) -> dict[str, bytes]:
     """The files that go next to a model's weights: the tokenizer's own files plus Phantom's chat
     template for ``config.template`` (``chat_template.jinja`` and the ``chat_template`` field of
-    ``tokenizer_config.json``, see :mod:`phantom_ray.processing.chat_template`).
+    ``tokenizer_config.json``, see :mod:`phantom_ray.processing.chat_template`), and a
+    ``generation_config.json`` naming the processor's stop tokens as ``eos_token_id``.
 
     The one way a tokenizer is saved with a model: the training export, ``model init`` and a
     preset's materialised directory all pass these to ``save_pretrained(..., extra_files=...)``, so
@@ -399,6 +400,16 @@ def tokenizer_files(tokenizer, config: PhantomConfig) -> dict[str, bytes]:
     cfg["chat_template"] = template  # readers that predate chat_template.jinja
     files["tokenizer_config.json"] = (json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode()
     files[CHAT_TEMPLATE_FILE] = template.encode()
+    # the processor's stop tokens (config eos + the template's end token), where vLLM and
+    # transformers read a model's end-of-sequence ids: stock entry points stop where our engines do
+    stops = [int(t) for t in config.stop_token_ids if t is not None]
+    end = tokenizer.convert_tokens_to_ids(END_TOKENS[config.template])
+    if end is not None and end not in stops:
+        stops.append(int(end))
+    gen = {"eos_token_id": stops if len(stops) > 1 else stops[0]} if stops else {}
+    if getattr(tokenizer, "pad_token_id", None) is not None:
+        gen["pad_token_id"] = int(tokenizer.pad_token_id)
+    files["generation_config.json"] = (json.dumps(gen, indent=2) + "\n").encode()
     return files
 
 

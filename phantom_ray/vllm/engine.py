@@ -32,8 +32,8 @@ engine. Concurrency is vLLM's own (``max_num_seqs``, ``max_num_batched_tokens``;
 defaults for the device).
 
 Not supported (a clear error per request, never a different answer): beam search
-(``num_beams > 1``: use the torch engine), prompts whose first token is not the template's (a
-system turn on Phi-3; see :mod:`phantom_ray.vllm.model`).
+(``num_beams > 1``: use the torch engine). Any first token is served (phantom states per first
+token: see :mod:`phantom_ray.vllm.model`).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from phantom_ray.infer.api import Event, Generation, Request, SamplingParams
 from phantom_ray.infer.core import NullMetrics, TextStream, error_event, error_generation
 from phantom_ray.processing import ProcessingError, Sample
 from phantom_ray.processing.errors import SampleError
-from phantom_ray.vllm.inputs import phantom_token_id, vllm_prompt
+from phantom_ray.vllm.inputs import vllm_prompt
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,6 @@ class VLLMEngine:
         self.model_id = str(model_id or model_dir)
         self.engine_args = dict(engine_args or {})
         self.metrics = metrics if metrics is not None else NullMetrics()
-        self.first_token_id = phantom_token_id(processor.config, processor.tokenizer)
         self._llm = None
         self._async = None
         self._ids = itertools.count()
@@ -179,11 +178,6 @@ class VLLMEngine:
         sample.labels = None
         if request.params.json_schema is not None:
             self._structured(request.params.json_schema)  # a schema vLLM cannot compile: this request's 400
-        first = int(sample.input_ids[0]) if len(sample) else None
-        if first != self.first_token_id:
-            raise SampleError("unsupported_prompt",
-                              f"the vllm engine serves prompts starting with the template token (id {self.first_token_id}); "
-                              f"this one starts with {first} (a system turn on Phi-3?). Use engine torch for it")
         max_len = self.engine_args["max_model_len"]
         if len(sample) + request.params.max_tokens > max_len:
             raise SampleError("prompt_too_long",

@@ -14,9 +14,9 @@ from phantom_ray.processing.processor import PROMPT_RULES, ROLE_TOKENS
 
 
 def template_first_token(template: str) -> str:
-    """The token every prompt of the family's chat template starts with (the phantom token):
-    ``<|im_start|>`` for ChatML, ``<|user|>`` for Phi-3 (a Phi-3 prompt with a system turn starts
-    with ``<|system|>`` and is not served by the vLLM model)."""
+    """The token a prompt of the family's chat template without a system turn starts with:
+    ``<|im_start|>`` for ChatML, ``<|user|>`` for Phi-3. The vLLM model computes its phantom states
+    when the weights load (any other first token's states are computed on first use)."""
     user_start = PROMPT_RULES[template]["user_start"]
     return next(t for t in ROLE_TOKENS[template] if user_start.startswith(t))
 

@@ -10,13 +10,18 @@ k* and v* of a token depend only on that token's own k, v and the phantom states
 (``phantom_ray.model.cache`` caches them the same way).
 
 Phantom states. They are the q/k/v of a sequence's first token at every layer. Under causal
-attention the first token attends only to itself, so its states depend on that token id alone: they
-are computed once, when the weights are loaded, for the family's template token (``<|im_start|>``
-for ChatML, ``<|user|>`` for Phi-3: what every prompt of our chat template, captioning and eval
-starts with) and shared by every sequence. A sequence starting with another token would need other
-states; vLLM gives a model no per-sequence slot to look them up from during decoding, so such a
-prompt is rejected with an error naming both ids (``VLLMEngine`` rejects it per request before it
-reaches vLLM; the model itself raises rather than answer differently from the torch engine).
+attention the first token attends only to itself (at position 0, where every RoPE variant is the
+identity up to a per-model constant), so its states depend on that token id alone
+(docs/phantom.md#phantom-token). They are therefore kept per distinct first-token id, computed once
+by the torch model's own forward on that one token and cached in a slot table
+(:class:`PhantomStateTable`); any prompt is served, whatever its first token (a Phi-3 chat with a
+system turn, a raw completion prompt), exactly as the torch engine serves it.
+
+Which sequence a token of vLLM's flattened step belongs to, and that sequence's first token, come
+from vLLM's per-step attention metadata (``query_start_loc``, ``seq_lens``, ``block_table``,
+``slot_mapping``), vectorised: :func:`phantom_ray.vllm.states.first_tokens` explains why the
+look-up through KV blocks is exact under prefix caching. A step whose sequences share one first
+token (the common case) broadcasts one set of states; a mixed step gathers them per token.
 
 Images go through vLLM's multimodal interface with our tiling (``phantom_ray.processing.images``,
 PIL/numpy): the prompt carries ``<img></img>`` per image and vLLM expands it to
@@ -29,6 +34,7 @@ Limits: tensor/pipeline parallel size 1 (our ``nn.Linear`` layers are not sharde
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 
@@ -65,23 +71,21 @@ from phantom_ray.model.vision import InternVisionModel, build_projector, pixel_s
 from phantom_ray.processing.images import tile_pixel_values
 from phantom_ray.processing.processor import IMG_END, IMG_START
 from phantom_ray.vllm.inputs import phantom_token_id
-
-
-class FirstTokenError(ValueError):
-    """A prompt does not start with the token the phantom states were computed for."""
+from phantom_ray.vllm.states import PhantomStateTable, TokenStates, first_tokens
 
 
 # ------------------------------------------------------------------------------------------------
 # The attention kernel: vLLM's paged attention on the phantom-widened heads
 # ------------------------------------------------------------------------------------------------
 class _StepState:
-    """What ``phantom_attention`` reads from its cache argument during one vLLM forward: the shared
-    phantom states, and the layer whose paged-attention module the kernel must call. vLLM owns the
-    KV cache, so ``update`` only records the layer and passes k, v through."""
+    """What ``phantom_attention`` reads from its cache argument during one vLLM forward: each
+    token's phantom states (``phantom[layer].derived``, gathered lazily per layer from the state
+    table), and the layer whose paged-attention module the kernel must call. vLLM owns the KV cache,
+    so ``update`` only records the layer and passes k, v through."""
 
     length = 0
 
-    def __init__(self, phantom: list, paged: nn.ModuleList):
+    def __init__(self, phantom, paged: nn.ModuleList):
         self.phantom = phantom
         self.paged = paged
         self.layer = 0
@@ -239,7 +243,12 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
         hf = vllm_config.model_config.hf_config
         self.phantom_token_id = (int(hf.phantom["phantom_token_id"]) if "phantom_token_id" in hf.phantom
                                  else phantom_token_id(pc, load_tokenizer(tokenizer_path, pc)))
-        self._phantom_states: list | None = None
+        self.cache_config = vllm_config.cache_config
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.state_table = PhantomStateTable(self.compute_phantom_states, llm.vocab_size, "cpu",
+                                             slots=int(os.environ.get("PHANTOM_VLLM_STATE_SLOTS", "64")))
+        # per KV block: the first token id of the sequence that last wrote it (see the module docstring)
+        self._block_first = torch.zeros(0, dtype=torch.long)
         self._step_ids: torch.Tensor | None = None
 
     # ---- weights ---------------------------------------------------------------------------------
@@ -267,8 +276,16 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
             raise ValueError(f"checkpoint keys do not match the Phantom model: missing {missing[:20]}, "
                              f"unexpected {unexpected[:20]}")
         self._use_vllm_cpu_gemm()
-        self._phantom_states = self.compute_phantom_states(self.phantom_token_id)
+        self._reset_states()
         return set(params)
+
+    def _reset_states(self) -> None:
+        """A fresh state table on the weights' device, holding the template token's states (what
+        nearly every prompt starts with)."""
+        t = self.state_table
+        dev = self.language_model.model.embed.weight.device
+        self.state_table = PhantomStateTable(t.compute, t.vocab_size, dev, slots=t.slots)
+        self.state_table.ensure([self.phantom_token_id])
 
     def _use_vllm_cpu_gemm(self) -> None:
         """On CPU, run the decoder's linears (and the LM head) through vLLM's prepacked GEMM
@@ -286,12 +303,12 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
             m.forward = _packed_forward(m)
 
     @torch.no_grad()
-    def compute_phantom_states(self, token_id: int) -> list:
-        """Per-layer phantom states (with their derived cross-head keys) of a sequence starting with
-        ``token_id``: the torch model's own forward on that one token at position 0."""
+    def compute_phantom_states(self, token_ids: torch.Tensor) -> list:
+        """Per-layer phantom states (with their derived cross-head keys, each (U, G, D)) of sequences
+        starting with ``token_ids`` (U,): the torch model's own forward on each token alone at position 0."""
         lm = self.language_model
         dev = lm.model.embed.weight.device
-        ids = torch.tensor([[token_id]], device=dev)
+        ids = token_ids.reshape(-1, 1).to(dev)  # (U, 1): one single-token sequence per id
         mask = torch.ones_like(ids)
         cache = PhantomCache(self.pconfig.llm_config.num_hidden_layers, initial_capacity=1)
         ctx = build_context(mask, cache, None, "eager")
@@ -333,50 +350,86 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
         return _merge_multimodal_embeddings(embeds, multimodal_embeddings, is_multimodal)
 
     # ---- forward ---------------------------------------------------------------------------------
-    def _check_first_tokens(self, ids: torch.Tensor | None, positions: torch.Tensor) -> None:
-        if ids is None or _attn_metadata() is None:  # no ids, or vLLM's memory-profiling dummy run
-            return
-        if ids.is_cuda and torch.cuda.is_current_stream_capturing():  # CUDA-graph capture: dummy ids
-            return
-        n = min(ids.shape[0], positions.shape[0])
-        firsts = ids[:n][positions[:n] == 0]
-        bad = firsts[firsts != self.phantom_token_id]
-        if bad.numel():
-            raise FirstTokenError(
-                f"Phantom on vLLM serves prompts that start with the {self.pconfig.template} template token "
-                f"(id {self.phantom_token_id}); got a prompt starting with token id {int(bad[0])}. Build prompts "
-                "with phantom_ray's processor/chat template (or use the torch engine for other prompts)."
-            )
+    def _block_first_table(self, block_table: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """The per-block first-token table (``phantom_ray.vllm.states.first_tokens``): one entry per
+        KV block plus a sink entry (last) for padding slots. Sized from the KV cache's block count
+        once vLLM has set it (no host sync), else grown from this step's block ids."""
+        known = self.cache_config.num_gpu_blocks
+        have = self._block_first.numel()
+        if known and have >= known + 1:
+            return self._block_first
+        if known:
+            need = known + 1
+        else:
+            need = (int(block_table.max()) + 2) if block_table.numel() else 1
+            if slot_mapping.numel():
+                need = max(need, int(slot_mapping.max()) // self.block_size + 2)
+            if need <= have:
+                return self._block_first
+            need = max(need, 2 * have)
+        grown = torch.zeros(need, dtype=torch.long, device=block_table.device)
+        if have > 1:
+            grown[: have - 1] = self._block_first[: have - 1]  # the old sink entry is not a block
+        self._block_first = grown
+        return grown
 
-    def _token_seq_lens(self, positions: torch.Tensor) -> torch.Tensor | None:
+    def _first_tokens(self, ids: torch.Tensor | None, positions: torch.Tensor):
+        """(sequence index per token, first token per token, first token per sequence, metadata) of
+        this step, or None without attention metadata (vLLM's memory-profiling dummy run)."""
+        md = _attn_metadata()
+        if ids is None or md is None or getattr(md, "query_start_loc", None) is None \
+                or getattr(md, "block_table", None) is None:
+            return None
+        N = positions.shape[0]
+        ids = ids[:N].to(positions.device).long()
+        if ids.shape[0] < N:  # padded step: the pad tokens' ids do not matter
+            ids = torch.cat([ids, ids.new_zeros(N - ids.shape[0])])
+        table = self._block_first_table(md.block_table, md.slot_mapping)
+        seq, first, first_per_seq = first_tokens(ids, md.query_start_loc, md.seq_lens, md.block_table,
+                                                 md.slot_mapping, self.block_size, table)
+        return seq, first, first_per_seq, md
+
+    def _token_seq_lens(self, positions: torch.Tensor, layout) -> torch.Tensor | None:
         """Each token's sequence length in this step (its scaling choice for dynamic/long RoPE,
         per sequence as in the torch engine)."""
         if self.rope_kind in ("default", "linear"):
             return None
         out = positions + 1
-        md = _attn_metadata()
-        if md is not None and getattr(md, "query_start_loc", None) is not None:
-            qsl, seq_lens = md.query_start_loc, md.seq_lens
-            per = torch.repeat_interleave(seq_lens.to(positions.device), (qsl[1:] - qsl[:-1]).to(positions.device))
-            out = out.clone()
-            out[: per.numel()] = per.to(out.dtype)
+        if layout is not None:
+            req, _, _, md = layout
+            out = md.seq_lens.to(positions.device)[req].to(positions.dtype)
         return out[:, None]
+
+    def _step_states(self, layout, N: int) -> TokenStates:
+        table = self.state_table
+        if table.derived is None:  # weights not loaded through load_weights (dummy load format)
+            self._reset_states()
+            table = self.state_table
+        if layout is None:  # profiling dummy run: any states will do
+            return TokenStates(table, int(table.slot_of_id[self.phantom_token_id]), None)
+        _, first, first_req, _ = layout
+        if first.is_cuda and torch.cuda.is_current_stream_capturing():
+            # CUDA-graph capture: no host look-ups; replays gather by slot (states of a sequence are
+            # put in the table by its first, eager, prefill step)
+            return TokenStates(table, None, table.slot_of_id[first].clamp(min=0))
+        distinct = torch.unique(first_req).tolist()
+        table.ensure(distinct)
+        if len(distinct) == 1:
+            return TokenStates(table, int(table.slot_of_id[distinct[0]]), None)
+        return TokenStates(table, None, table.slot_of_id[first])
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor,
                 intermediate_tensors: IntermediateTensors | None = None, inputs_embeds: torch.Tensor | None = None,
                 **_unused) -> torch.Tensor:
         ids = input_ids if input_ids is not None else self._step_ids
-        self._check_first_tokens(ids, positions)
         self._step_ids = None
         h = inputs_embeds if inputs_embeds is not None else self.language_model.model.embed(input_ids)
         N = h.shape[0]
+        layout = self._first_tokens(ids, positions)
         llm = self.pconfig.llm_config
-        cos, sin = rope_cos_sin(llm, positions[:, None], h.dtype, self._token_seq_lens(positions))  # (N,1,1,D)
+        cos, sin = rope_cos_sin(llm, positions[:, None], h.dtype, self._token_seq_lens(positions, layout))  # (N,1,1,D)
         cos, sin = cos.view(1, N, 1, -1), sin.view(1, N, 1, -1)
-        states = self._phantom_states
-        if states is None:  # weights not loaded through load_weights (dummy load format)
-            states = self._phantom_states = self.compute_phantom_states(self.phantom_token_id)
-        step = _StepState(states, self.paged_attn)
+        step = _StepState(self._step_states(layout, N), self.paged_attn)
         ctx = AttnContext(query_mask=None, key_mask=None, allowed=None, is_causal=False, past_length=0,
                           phantom_local_index=None, cache=step, attn_implementation="vllm", use_phantom=True)
         h = h[None]  # (1, N, C): the flattened batch as one row; attention keeps sequences apart
