@@ -206,6 +206,9 @@ def test_completions_equal_chat_on_the_same_raw_prompt(client):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
     tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
     assert len(tokens) == 8  # every generated token's logprob, streamed with the text
+    raw = client.completions.create(model=MODEL, prompt="once upon a time", max_tokens=3, temperature=0,
+                                    extra_body={"ignore_eos": True})  # any first token, no template
+    assert raw.usage.completion_tokens == 3 and raw.choices[0].finish_reason == "length"
 
 
 def test_metrics_carry_vllm_engine_metrics_per_model(server):
