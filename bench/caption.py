@@ -22,7 +22,7 @@ images/s of the Ray Data pipeline against a one-at-a-time loop (tiny preset, CPU
        PYTHONPATH=. flock /tmp/phantom_heavy.lock .venv/bin/python bench/caption.py --vs-engine
 
 Not part of the test suite; timings never decide pass/fail. Random weights rarely emit a stop
-token, so every caption runs to --max-new-tokens: the work per image is the same in every mode.
+token, so every caption runs to --max-tokens: the work per image is the same in every mode.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _folder(root: Path, n: int, distinct: int = 64) -> Path:
 
 def _cli(images: Path, out: Path, args, replicas: int) -> list[str]:
     return [sys.executable, "-m", "phantom_ray.cli", "caption", "--input", str(images), "--output", str(out),
-            "--model", args.model, "--engine", "torch", "--max-new-tokens", str(args.max_new_tokens),
+            "--model", args.model, "--engine", "torch", "--max-tokens", str(args.max_tokens),
             "--batch-size", str(args.batch_size), "--shard-size", str(args.shard_size), "--num-gpus",
             str(args.num_gpus), "--num-cpus", str(args.replica_cpus), "--min-replicas", str(replicas),
             "--max-replicas", str(replicas), "--no-progress"]
@@ -162,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-images", default="1000,50000", help="image counts for the driver-RSS runs")
     ap.add_argument("--speed-images", type=int, default=2000)
     ap.add_argument("--model", default="tiny-qwen2")
-    ap.add_argument("--max-new-tokens", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=1)
+    from phantom_ray.config import add_deprecated_alias
+
+    add_deprecated_alias(ap, "--max-new-tokens", "--max-tokens", type=int)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--shard-size", type=int, default=500)
     ap.add_argument("--replicas", type=int, default=2)
@@ -190,7 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bench_caption_"))
     rows = []
     try:
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        from phantom_ray.runtime import init_ray
+
+        init_ray(num_cpus=args.num_cpus, log_to_driver=False)
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
@@ -199,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         uris = sorted(str(p) for p in images.rglob("*.png"))
         torch.set_num_threads(1)  # the loop gets one core, like each CPU replica
         engine = load_engine(args.model, backend="torch", device="cuda" if args.num_gpus > 0 else "cpu")
-        params = SamplingParams(max_tokens=args.max_new_tokens)
+        params = SamplingParams(max_tokens=args.max_tokens)
 
         def req(u):
             from PIL import Image
@@ -237,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n{args.model}, {args.max_new_tokens} new token(s) per image, {os.cpu_count()} CPUs on this machine, "
+    print(f"\n{args.model}, {args.max_tokens} new token(s) per image, {os.cpu_count()} CPUs on this machine, "
           f"num_gpus per replica {args.num_gpus}, shard size {args.shard_size}")
     print("\ndriver peak RSS (the caption CLI process alone):")
     print(f"{'images':>8s} {'peak MiB':>9s} {'img/s e2e':>10s} {'start-up s':>11s} {'wall s':>7s}")

@@ -88,7 +88,9 @@ def main() -> int:
                heldout_fraction=0.0)
     synth_s = time.perf_counter() - t
 
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    from phantom_ray.runtime import init_ray
+
+    init_ray(num_cpus=args.cpus, log_to_driver=False)
     from ray.data import DataContext
 
     DataContext.get_current().enable_progress_bars = False

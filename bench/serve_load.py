@@ -145,7 +145,9 @@ def start_local_server(preset: str, port: int, max_batch_size: int, batch_wait_s
     args = {"models": [{"name": models[0], "max_batch_size": max_batch_size, **common},
                        {"name": models[1], "max_batch_size": 1, **common}],
             "ingress_num_cpus": 0.25}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from phantom_ray.runtime import init_ray
+
+    init_ray(num_cpus=2, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="phantom-bench", route_prefix="/", blocking=False)
     return f"http://127.0.0.1:{port}", models

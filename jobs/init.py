@@ -5,10 +5,13 @@
         --output s3://phantom-ray/init/phantom-7b
 
 Same arguments as ``phantom-ray model init`` (docs/checkpoints.md has the command for every size and the
-``--vision OpenGVLab/InternViT-300M-448px --llm <base LLM>`` route). The conversion runs in the job's
-driver: it reads the source tensor by tensor and holds one copy of the result (about 16 GiB for
-phantom-7b in bfloat16), so the head node needs that much memory and disk for the download. A
-``--source`` may be a hub id (where the cluster reaches the hub), a directory or an ``s3://`` prefix.
+``--vision OpenGVLab/InternViT-300M-448px --llm <base LLM>`` route; cluster/kuberay/rayjob-init.yaml
+is the same job for KubeRay). The conversion runs in the job's driver: it reads the source tensor by
+tensor and holds one copy of the result (about 16 GiB for phantom-7b in bfloat16), so the driver's
+node needs that much memory and disk for the download; reserve them with ``ray job submit
+--entrypoint-num-cpus 8 --entrypoint-memory 34359738368`` to keep the driver off a head that has
+neither. A ``--source`` may be a hub id (where the cluster reaches the hub), a directory or an
+``s3://`` prefix.
 """
 
 from __future__ import annotations

@@ -27,14 +27,11 @@ class AskError(Exception):
 def open_source(source: str):
     """A PIL image from a local path, ``s3://`` URI, ``data:`` URI or http(s) URL, opened by the one
     image-ingest function (a CLI argument is trusted input: no root confinement)."""
-    try:
-        from phantom_ray.ingest import FetchPolicy, InputError, fetch_bytes, open_image
-    except ImportError:  # before the ingest module lands: the processing decode, local/S3/data only
-        return _open_source_fallback(source)
+    from phantom_ray.ingest import FetchPolicy, InputError, load_image
+
     try:
         # an image named on the command line may come from any http(s) host the user names
-        policy = FetchPolicy(allowed_urls=_url_prefix(source))
-        return open_image(fetch_bytes(source, policy), what=source)
+        return load_image(source, FetchPolicy(allowed_urls=_url_prefix(source)))
     except InputError as exc:
         raise AskError(f"image {source}: {exc}") from None
     except OSError as exc:
@@ -48,32 +45,6 @@ def _url_prefix(source: str) -> tuple[str, ...]:
     if parts.scheme in ("http", "https") and parts.netloc:
         return (f"{parts.scheme}://{parts.netloc}/",)
     return ()
-
-
-def _open_source_fallback(source: str):
-    import base64
-    import os
-
-    from phantom_ray import storage
-    from phantom_ray.processing.images import load_image
-
-    try:
-        if source.startswith("data:"):
-            data = base64.b64decode(source.split(",", 1)[1])
-        elif source.startswith(("http://", "https://")):
-            raise AskError(f"image {source}: URLs need phantom_ray.ingest (not installed); download it first")
-        elif storage.is_s3(source):
-            data = storage.read_bytes(source)
-        else:
-            if not os.path.isfile(source):
-                raise AskError(f"image {source}: no such file")
-            with open(source, "rb") as f:
-                data = f.read()
-        return load_image(data)
-    except AskError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise AskError(f"image {source}: {exc}") from None
 
 
 def load(model: str, backend: str = "auto", **options):

@@ -139,3 +139,23 @@ def resolve_path(value: str | os.PathLike | None, base: str | os.PathLike | None
     if not p.is_absolute():
         p = Path(base or os.getcwd()) / p
     return os.path.normpath(str(p))
+
+
+def add_deprecated_alias(parser, old: str, new: str, **kw) -> None:
+    """Keep ``old`` (e.g. ``--max-new-tokens``) working as an alias of the flag ``new`` (e.g.
+    ``--max-tokens``, vLLM's and OpenAI's name), with a warning naming the new spelling, so scripts
+    written against the old name still run. Hidden from ``--help``."""
+    import argparse
+    import sys
+    import warnings
+
+    dest = new.lstrip("-").replace("-", "_")
+
+    class _Alias(argparse.Action):
+        def __call__(self, p, namespace, values, option_string=None):
+            msg = f"{option_string} is deprecated; use {new}"
+            warnings.warn(msg, DeprecationWarning, stacklevel=2)
+            print(f"warning: {msg}", file=sys.stderr)
+            setattr(namespace, dest, values)
+
+    parser.add_argument(old, action=_Alias, dest=f"_deprecated_{dest}", help=argparse.SUPPRESS, **kw)

@@ -45,8 +45,9 @@ import struct
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from urllib.parse import quote, unquote, urljoin, urlsplit
+
+from phantom_ray.errors import clean_detail
 
 # ------------------------------------------------------------------------------------------------
 # Errors
@@ -79,33 +80,12 @@ class FetchError(InputError):
     """A source that may not or cannot be read (refused URL/path, not found, too large, timed out)."""
 
 
-IMAGE_REASONS = (
-    "empty_image",         # 0 bytes, or a zero-sized canvas
-    "image_too_large",     # encoded bytes over ImageLimits.max_bytes
-    "too_many_pixels",     # declared width x height over ImageLimits.max_pixels (decompression bombs)
-    "bad_aspect_ratio",    # over ImageLimits.max_aspect_ratio
-    "unsupported_format",  # an image format PIL knows but we do not accept (PDF, EPS, PSD, ICO, ...)
-    "undecodable_image",   # not an image (random bytes, SVG, text, HTML) or truncated/corrupt data
-)
-FETCH_REASONS = (
-    "source_not_allowed",  # scheme, host, port or path outside the policy's allowlist/root
-    "address_not_allowed",  # resolves to a link-local/metadata, loopback or private address
-    "bad_source",          # malformed URL/URI/path
-    "invalid_base64",      # a data: URI whose payload is not base64
-    "not_found",           # no such file/object
-    "fetch_failed",        # network/IO error, HTTP error status, timeout
-    "source_too_large",    # more bytes than the policy's max_bytes
-)
-
-_ADDR_RE = re.compile(r"<([A-Za-z_][\w.]*) object at 0x[0-9a-fA-F]+>")
-
-
-def clean_detail(text: str) -> str:
-    """Drop memory addresses from messages (``<_io.BytesIO object at 0x7f..>`` -> ``the image data``):
-    they differ per run, so error tables would not be reproducible, and they leak layout."""
-    text = _ADDR_RE.sub(lambda m: "the image data" if m.group(1).endswith("BytesIO") else f"<{m.group(1)}>", text)
-    return re.sub(r"\bat 0x[0-9a-fA-F]{6,}\b", "", text)
-
+# the reason codes raised here; what each means, its HTTP status and its error-row reason are in
+# the one table, phantom_ray.errors.REASONS
+IMAGE_REASONS = ("empty_image", "image_too_large", "too_many_pixels", "bad_aspect_ratio", "unsupported_format",
+                 "undecodable_image")
+FETCH_REASONS = ("source_not_allowed", "address_not_allowed", "bad_source", "invalid_base64", "not_found",
+                 "fetch_failed", "source_too_large")
 
 # ------------------------------------------------------------------------------------------------
 # Images
@@ -400,11 +380,18 @@ def resolve_local(path: str, root: str | None) -> str:
 
 
 def _s3_parts(uri: str) -> tuple[str, list[str]]:
+    """(bucket, key segments) through the one split (:func:`phantom_ray.storage.s3_key_segments`:
+    dot segments refused), with the bucket name checked."""
+    from phantom_ray import storage
+
     rest = uri[len("s3://"):] if uri.lower().startswith("s3://") else uri
-    bucket, _, key = rest.partition("/")
+    bucket = rest.partition("/")[0]
     if not bucket or not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
         raise FetchError("bad_source", f"{uri!r} has no valid bucket name")
-    segs = [s for s in key.split("/")]
+    try:
+        bucket, segs = storage.s3_key_segments("s3://" + rest)
+    except ValueError:
+        raise FetchError("source_not_allowed", f"{uri!r} has '.' or '..' segments; S3 keys must be plain") from None
     while segs and segs[-1] == "":
         segs.pop()
     return bucket, segs
@@ -423,8 +410,6 @@ def resolve_s3(source: str, policy: FetchPolicy) -> str:
             raise FetchError("source_not_allowed", f"{source!r} is an absolute path, outside the image root {root}")
         source = root.rstrip("/") + "/" + source
     bucket, segs = _s3_parts(source)
-    if any(s in (".", "..") or unquote(s) in (".", "..") for s in segs):
-        raise FetchError("source_not_allowed", f"{source!r} has '.' or '..' segments; S3 keys must be plain")
     if not segs:
         raise FetchError("bad_source", f"{source!r} names a bucket, not an object")
     uri = f"s3://{bucket}/" + "/".join(segs)
@@ -680,9 +665,31 @@ def _fetch_http(url: str, policy: FetchPolicy) -> bytes:
     raise FetchError("fetch_failed", f"{url[:160]}: more than {policy.max_redirects} redirects")
 
 
-def load_image(source: str, policy: FetchPolicy = FetchPolicy(), limits: ImageLimits = DEFAULT_LIMITS):
-    """``fetch_bytes`` then ``open_image`` (byte limit the smaller of the two)."""
-    return open_image(fetch_bytes(source, policy), limits, what=_short(source))
+def read_uri(uri: str) -> bytes:
+    """The bytes of a canonical local path or ``s3://`` URI a job already decided to read (a planned
+    caption row, an eval item): one GET, no policy; a failure is a :class:`FetchError`
+    (``not_found`` or ``fetch_failed``). Limits apply when the bytes are opened (:func:`open_image`)."""
+    from phantom_ray import storage
+
+    try:
+        return storage.read_bytes(uri)
+    except FileNotFoundError as exc:
+        raise FetchError("not_found", f"cannot read {uri}: {exc}") from None
+    except OSError as exc:  # PermissionError, a directory, network
+        raise FetchError("fetch_failed", f"cannot read {uri}: {exc}") from None
+
+
+def load_image(source, policy: FetchPolicy | None = None, limits: ImageLimits = DEFAULT_LIMITS):
+    """The one way from a source to an RGB image: encoded bytes are opened as they are; a path or
+    URI is read (``policy`` None: :func:`read_uri`, a trusted location; else :func:`fetch_bytes` under
+    ``policy``) and opened by :func:`open_image` with ``limits``. Raises FetchError / ImageError."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return open_image(bytes(source), limits)
+    if policy is None:
+        data = read_uri(str(source))
+    else:
+        data = fetch_bytes(source, policy)
+    return open_image(data, limits, what=_short(source))
 
 
 def _short(source) -> str:

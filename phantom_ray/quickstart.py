@@ -41,16 +41,16 @@ class Budget:
     step2_epochs: int  # step 2 epochs over the corpus (all parameters)
     eval_limit: int  # held-out questions scored before/after
     caption_images: int
-    max_new_tokens: int
+    max_tokens: int
 
 
 # The tiny model needs many distinct samples to generalise (repeating a small corpus for several
 # epochs memorises it): one pass over 9,600 triples reaches ~0.44 held-out accuracy vs 0.28 chance.
 BUDGETS = {
     "small": Budget(num_samples=6400, step1_steps=10, step2_epochs=1, eval_limit=120, caption_images=12,
-                    max_new_tokens=8),
+                    max_tokens=8),
     "full": Budget(num_samples=9600, step1_steps=40, step2_epochs=1, eval_limit=240, caption_images=48,
-                   max_new_tokens=16),
+                   max_tokens=16),
 }
 
 PRESET = "tiny-qwen2"
@@ -364,7 +364,7 @@ def run_quickstart(workdir: str, budget_name: str = "full", verbose: bool = Fals
         cap_out = os.path.join(workdir, "captions")
         cap_summary = caption(CaptionConfig(
             input=images_dir, output=cap_out, model=export, prompt="Describe the image.",
-            sampling=SamplingParams(max_tokens=budget.max_new_tokens), engine="torch", batch_size=8, min_replicas=1,
+            sampling=SamplingParams(max_tokens=budget.max_tokens), engine="torch", batch_size=8, min_replicas=1,
             max_replicas=1, num_gpus=0, num_cpus=0.5, shard_size=16, progress=False))
         rows = read_outputs(cap_out)
         captions = {os.path.basename(r["image_uri"]): r["caption"] or f"(error: {r.get('error')})" for r in rows}

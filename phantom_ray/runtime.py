@@ -31,6 +31,8 @@ def init_ray(address: str | None = None, **kw: Any):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kw.setdefault("logging_level", logging.WARNING)
     kw.setdefault("configure_logging", True)
+    if kw.get("runtime_env"):
+        kw["runtime_env"] = _without_job_env_vars(kw["runtime_env"])
     if address is None:
         kw.setdefault("include_dashboard", False)
     else:
@@ -39,6 +41,29 @@ def init_ray(address: str | None = None, **kw: Any):
             kw.pop(key, None)
     ray.init(address=address, **kw)
     return ray
+
+
+def _without_job_env_vars(runtime_env: dict) -> dict | None:
+    """``runtime_env`` less the environment variables the submitted job's own runtime env already sets
+    to the same value. Inside a Ray job (``ray job submit``, a KubeRay RayJob) Ray merges the job's
+    runtime env with the driver's ``ray.init(runtime_env=...)`` and refuses any variable named in
+    both, even with the same value: a job submitted with ``AWS_ENDPOINT_URL`` in its ``env_vars`` (an
+    S3-compatible store) would fail where we hand our storage settings on. Other fields pass as given."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    env_vars = runtime_env.get("env_vars")
+    if not raw or not env_vars:
+        return runtime_env
+    try:
+        job_env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return runtime_env
+    kept = {k: v for k, v in env_vars.items() if job_env.get(k) != v}
+    out = {k: v for k, v in runtime_env.items() if k != "env_vars"}
+    if kept:
+        out["env_vars"] = kept
+    return out or None
 
 
 def resolve_num_gpus(num_gpus: float | None) -> float:

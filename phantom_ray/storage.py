@@ -26,6 +26,8 @@ from urllib.parse import urlparse
 __all__ = [
     "is_s3",
     "split_s3",
+    "parent",
+    "s3_key_segments",
     "join",
     "basename",
     "list_files",
@@ -61,13 +63,28 @@ def is_s3(uri: str) -> bool:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b`` -> ``("bucket", "a/b")`` (key without leading or trailing slash)."""
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")`` (key without leading or trailing slash): the one
+    bucket/key split. The key is taken literally (``?`` and ``#`` are key characters in S3)."""
     if not is_s3(uri):
         raise ValueError(f"not an s3:// URI: {uri!r}")
-    parsed = urlparse(uri)
-    if not parsed.netloc:
+    bucket, _, key = str(uri)[len("s3://"):].partition("/")
+    if not bucket:
         raise ValueError(f"s3 URI without a bucket: {uri!r}")
-    return parsed.netloc, parsed.path.strip("/")
+    return bucket, key.strip("/")
+
+
+def s3_key_segments(uri: str) -> tuple[str, list[str]]:
+    """(bucket, key segments) of an ``s3://`` URI, with the one meaning of dot segments everywhere:
+    S3 keeps ``.`` and ``..`` literally (``a/../b`` is not ``b`` there), so a key holding them is
+    refused (ValueError) rather than resolved, by every reader (storage, ingest, captioning). Empty
+    segments (``a//b``) are kept; :func:`canonical_uri` drops them."""
+    from urllib.parse import unquote
+
+    bucket, key = split_s3(uri)
+    segs = key.split("/") if key else []
+    if any(s in (".", "..") or unquote(s) in (".", "..") for s in segs):
+        raise ValueError(f"{uri!r} has '.' or '..' segments; S3 keys must be plain (S3 does not resolve them)")
+    return bucket, segs
 
 
 def join(uri: str, *parts: str) -> str:
@@ -85,6 +102,12 @@ def join(uri: str, *parts: str) -> str:
 
 def basename(uri: str) -> str:
     return str(uri).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(uri: str) -> str:
+    """The directory holding a file: ``s3://b/a/x.json`` -> ``s3://b/a``; a local path made absolute."""
+    uri = str(uri).rstrip("/")
+    return uri.rsplit("/", 1)[0] if is_s3(uri) else os.path.dirname(os.path.abspath(uri))
 
 
 def storage_env() -> dict[str, str]:
@@ -182,8 +205,8 @@ def canonical_uri(uri: str | os.PathLike, base: str | os.PathLike | None = None)
     """The one spelling of a file, directory or ``s3://`` object/prefix, so that every spelling of
     the same thing compares equal (exactly-once captioning keys on it).
 
-    * ``s3://b//k/./x/../y/`` -> ``s3://b/k/y`` (empty and dot segments removed, no trailing slash;
-      ``..`` never climbs above the bucket);
+    * ``s3://b//k/x/`` -> ``s3://b/k/x`` (empty segments removed, no trailing slash); ``.`` and ``..``
+      segments are refused (ValueError): S3 keeps them literally, see :func:`s3_key_segments`;
     * ``file:///p``, ``file://localhost/p``, ``file:/p`` -> the local path ``/p``;
     * a local path is made absolute against ``base`` (default: the current directory), normalised,
       and its symlinks resolved (``os.path.realpath``), so ``images``, ``./images/``, ``/abs/images``
@@ -196,19 +219,8 @@ def canonical_uri(uri: str | os.PathLike, base: str | os.PathLike | None = None)
     if not s:
         raise ValueError("empty path/URI")
     if is_s3(s):
-        rest = s[len("s3://"):]
-        bucket, _, key = rest.partition("/")
-        if not bucket:
-            raise ValueError(f"s3 URI without a bucket: {s!r}")
-        parts: list[str] = []
-        for seg in key.split("/"):
-            if seg in ("", "."):
-                continue
-            if seg == "..":
-                if parts:
-                    parts.pop()
-                continue
-            parts.append(seg)
+        bucket, segs = s3_key_segments(s)
+        parts = [seg for seg in segs if seg]
         return f"s3://{bucket}/{'/'.join(parts)}" if parts else f"s3://{bucket}"
     if s.lower().startswith("file:"):
         parsed = urlparse(s)

@@ -6,6 +6,8 @@
   the endpoint URL, e.g. ``"http://127.0.0.1:51234"``.
 - ``s3_bucket`` (function): a fresh, uniquely named bucket on that server; yields ``"s3://<bucket>"``.
 - ``ray_local`` (session): ``ray.init(num_cpus=2, include_dashboard=False)``; shut down at the end.
+- ``ray_head`` (function): a separate local Ray head on loopback for ``ray job submit`` tests; yields
+  ``(dashboard URL, env)`` and stops exactly that head afterwards.
   Request ``s3_server`` before ``ray_local`` when Ray workers must reach S3, so they inherit the env.
 - Network trap (whole session, set when this file is imported, before anything starts): proxy-aware
   clients in this process and every process started from it (Ray's workers and dashboard included)
@@ -93,3 +95,47 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def ray_head():
+    """A separate local Ray head on loopback (not the test process's own runtime), stopped afterwards.
+
+    ``ray start --block`` keeps the head's processes children of one Popen, so terminating it stops
+    exactly this head (``ray stop`` would stop every Ray instance on the machine)."""
+    import shutil
+    import subprocess
+    import time
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    from helpers import free_port
+
+    port, dash, agent = free_port(), free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    proc = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}",
+                             "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             f"--dashboard-agent-listen-port={agent}",
+                             "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.time() + 120
+        while True:
+            try:
+                JobSubmissionClient(f"http://127.0.0.1:{dash}").list_jobs()
+                break
+            except Exception:  # not up yet: connection refused / dashboard starting
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the local Ray head did not come up")
+                time.sleep(1)
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -8,21 +8,14 @@ deliberately wrong predictor.
 
 from __future__ import annotations
 
-import io
 import json
+
+from helpers import png_bytes
 
 from phantom_ray import storage
 
 SYNTHETIC_BENCHMARKS = ("pope", "sqa")
 _COLORS = [("red", (220, 30, 30)), ("green", (30, 200, 30)), ("blue", (30, 30, 220)), ("yellow", (230, 220, 20))]
-
-
-def _image(rgb: tuple[int, int, int], fmt: str, size: int = 32) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (size, size), rgb).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def _write_pope(root: str, n: int) -> dict[str, str]:
@@ -32,7 +25,7 @@ def _write_pope(root: str, n: int) -> dict[str, str]:
         for i in range(n):
             name, rgb = _COLORS[(i + s) % 2]  # red or green
             image = f"COCO_val2014_{s:03d}{i:09d}.jpg"
-            storage.write_bytes_atomic(storage.join(root, "coco2014", "val2014", image), _image(rgb, "JPEG"))
+            storage.write_bytes_atomic(storage.join(root, "coco2014", "val2014", image), png_bytes((32, 32), rgb, "JPEG"))
             label = "yes" if name == "red" else "no"
             lines.append(json.dumps({"question_id": i + 1, "image": image,
                                      "text": "Is the image red?", "label": label}))
@@ -53,7 +46,7 @@ def _write_sqa(root: str, n: int) -> dict[str, str]:
                          "topic": "colors", "category": "synthetic", "skill": "colors", "lecture": "",
                          "solution": "", "split": "test"}
         storage.write_bytes_atomic(storage.join(root, "ScienceQA", "images", "test", pid, "image.png"),
-                                   _image(_COLORS[k][1], "PNG"))
+                                   png_bytes((32, 32), _COLORS[k][1]))
         test_ids.append(pid)
         answers[pid] = "ABCD"[k]
     # a text-only test question (SQA-IMG drops it) and a train question (not in the test split)

@@ -1,25 +1,12 @@
-"""Helpers for the serving tests: tiny-preset args, images, request bodies, and an in-process
+"""Helpers for the serving tests: tiny-preset args, request bodies, and an in-process
 backend that runs the HTTP API on ``ModelWorker``s without Ray."""
 
 from __future__ import annotations
 
-import base64
-import io
-
-from PIL import Image
+from helpers import data_uri, png_bytes
 
 from phantom_ray.serving.config import ServeArgs
 from phantom_ray.serving.worker import ModelWorker
-
-
-def png_bytes(size=(40, 30), color=(200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def data_uri(data: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
 def tiny_args(**overrides) -> ServeArgs:

@@ -5,7 +5,6 @@ OpenAI's error shape; the server keeps answering afterwards."""
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -18,7 +17,8 @@ from image_corpus import bad_images, good_images
 from phantom_ray.ingest import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from phantom_ray.serving.api import Frontend, create_api, largest_request_bytes
 from phantom_ray.serving.protocol import max_prompt_chars
-from serving_helpers import WorkerBackend, png_bytes, tiny_args
+from helpers import data_uri, png_bytes
+from serving_helpers import WorkerBackend, tiny_args
 from phantom_ray.serving.worker import ModelWorker
 
 torch.set_num_threads(1)
@@ -80,10 +80,6 @@ def chat(content, **kw):
 
 def image(url):
     return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is it?"}]
-
-
-def data_uri(b: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(b).decode()
 
 
 def assert_error(resp, status, code):

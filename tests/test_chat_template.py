@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import noise_pil
 
 from phantom_ray.model.config import PhantomConfig
 from phantom_ray.processing import PhantomProcessor, build_tiny_tokenizer, chat_template, load_tokenizer, save_tokenizer
@@ -17,10 +16,6 @@ from phantom_ray.processing.errors import SampleError
 from phantom_ray.vllm.inputs import compact_image_tokens
 
 FAMILIES = ["tiny-qwen2", "tiny-internlm2", "tiny-phi3"]
-
-
-def _img(w: int, h: int, seed: int) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
 
 
 def _part(img):
@@ -31,7 +26,7 @@ def _text(t):
     return {"type": "text", "text": t}
 
 
-A, B, C = _img(30, 30, 1), _img(96, 32, 2), _img(20, 60, 3)
+A, B, C = noise_pil(30, 30, 1), noise_pil(96, 32, 2), noise_pil(20, 60, 3)
 SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer briefly."}
 
 # (name, messages, images given separately or None)

@@ -4,26 +4,19 @@ hand-written predictions -> the hand-computed score."""
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from helpers import png_bytes
 
 from phantom_ray.eval import load_benchmark, score_benchmark
 from phantom_ray.eval.items import MC_SUFFIX, SHORT_SUFFIX, YESNO_SUFFIX
 from phantom_ray.eval.loaders import BLINK_DISCLAIMER
 
 DATA = Path(__file__).parent / "data" / "eval"
-
-
-def _png(rgb=(255, 0, 0), size=(4, 4)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, rgb).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _write_parquet(path: Path, rows: list[dict]) -> None:
@@ -36,7 +29,7 @@ def root(tmp_path_factory) -> str:
     """The hand-written JSON/TSV samples plus the parquet-format benchmarks (HF layouts)."""
     r = tmp_path_factory.mktemp("evaldata")
     shutil.copytree(DATA, r, dirs_exist_ok=True)
-    img = {"bytes": _png(), "path": "x.png"}
+    img = {"bytes": png_bytes(size=(4, 4), color=(255, 0, 0)), "path": "x.png"}
     _write_parquet(r / "MMStar" / "mmstar.parquet", [
         {"index": i, "question": f"Q{i}?\nOptions: A: a, B: b, C: c, D: d", "answer": ans, "category": cat,
          "l2_category": l2, "image": img}
@@ -46,7 +39,7 @@ def root(tmp_path_factory) -> str:
             ("C", "math", "statistical reasoning")])])
     blink = lambda idx, task, prompt, ans, n_img: {  # noqa: E731
         "idx": idx, "sub_task": task, "question": "q", "prompt": prompt, "choices": ["x", "y"], "answer": ans,
-        **{f"image_{k}": ({"bytes": _png((k * 40, 0, 0)), "path": None} if k <= n_img else None) for k in range(1, 5)}}
+        **{f"image_{k}": ({"bytes": png_bytes(size=(4, 4), color=(k * 40, 0, 0)), "path": None} if k <= n_img else None) for k in range(1, 5)}}
     _write_parquet(r / "BLINK" / "Art_Style" / "val-00000-of-00001.parquet", [
         blink("val_Art_Style_1", "Art_Style", "Which image shares the style?\n(A) left\n(B) right", "(A)", 3),
         blink("val_Art_Style_2", "Art_Style", "Style?\n(A) a\n(B) b", "(A)", 2),

@@ -11,31 +11,20 @@ presets, recorded before they were deleted: the same requests must give the same
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from engine_helpers import greedy_reference
-from phantom_ray.infer import Engine, Request, SamplingParams, load_engine
+from helpers import assert_implements_engine, greedy_reference, noise_png
+from phantom_ray.infer import Event, Generation, Request, SamplingParams, load_engine
 from phantom_ray.infer.torch_engine import TorchEngine
 from phantom_ray.model.generation import beam_search
 from phantom_ray.processing import PhantomProcessor
 
 torch.set_num_threads(1)
 REFERENCE = json.loads((Path(__file__).parent / "data" / "engine_reference.json").read_text())
-
-
-def _png(seed: int, w: int, h: int) -> bytes:
-    arr = np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def _load(preset: str = "tiny-qwen2") -> TorchEngine:
@@ -52,7 +41,7 @@ def engine():
 def _pairs(n: int = 12):
     prompts = ["Describe the image in detail.", "What colour dominates?", "Count the shapes, then explain."]
     # different sizes -> different tile counts -> different prompt lengths in one batch
-    return [(_png(i, 20 + 9 * (i % 5), 18 + 13 * (i % 4)), prompts[i % 3]) for i in range(n)]
+    return [(noise_png(i, 20 + 9 * (i % 5), 18 + 13 * (i % 4)), prompts[i % 3]) for i in range(n)]
 
 
 def _req(image, prompt: str, params: SamplingParams, key: str = "") -> Request:
@@ -76,7 +65,17 @@ def test_preset_name_warns_random_weights():
 
 
 def test_engine_implements_the_interface(engine):
-    assert isinstance(engine, Engine) and engine.backend == "torch" and engine.model_id == "tiny-qwen2"
+    assert type(engine) is TorchEngine and engine.backend == "torch" and engine.model_id == "tiny-qwen2"
+    assert_implements_engine(engine)
+    [g] = engine.generate([Request.user("Hi", params=SamplingParams(max_tokens=2))])
+    assert isinstance(g, Generation) and g.error is None and g.completion_tokens >= 1
+
+    async def events():
+        return [e async for e in engine.stream(Request.user("Hi", params=SamplingParams(max_tokens=2)))]
+
+    got = asyncio.run(events())
+    assert all(isinstance(e, Event) for e in got) and got[-1].type == "done"
+    assert "".join(e.text for e in got if e.type == "delta") == g.text
 
 
 def test_batched_greedy_equals_direct_generate_per_image(engine):
@@ -96,7 +95,7 @@ def test_batched_greedy_equals_direct_generate_per_image(engine):
 
 def test_bad_images_become_error_results_without_stopping_the_batch(engine):
     good = _pairs(3)
-    truncated = _png(99, 30, 30)[:40]
+    truncated = noise_png(99, 30, 30)[:40]
     pairs = [good[0], (b"", "x"), (b"not an image at all", "x"), good[1], (truncated, "x"), good[2]]
     out = engine.generate(_reqs(pairs, SamplingParams(max_tokens=4)), batch_size=8)
     assert [o.error for o in out] == [None, "empty_image", "undecodable_image", None, "undecodable_image", None]
@@ -325,3 +324,23 @@ def test_mixed_sampling_settings_share_a_batch_and_equal_each_alone(engine):
     assert [g.text for g in together] == [g.text for g in alone]
     assert [g.completion_tokens for g in together] == [g.completion_tokens for g in alone]
     assert together[3].completion_tokens <= 6
+
+
+def test_backends_are_found_by_name_through_the_registry(monkeypatch):
+    """``load_engine`` resolves ``ENGINES[name]`` ("module:Class") with importlib: a new backend is
+    one registry line, and infer never imports the vllm package itself."""
+    import phantom_ray.infer.api as api
+
+    assert api.engine_class("torch") is TorchEngine
+    assert api.ENGINES["vllm"] == "phantom_ray.vllm.engine:VLLMEngine"
+    with pytest.raises(ValueError, match="unknown engine backend 'tpu'"):
+        load_engine("tiny-qwen2", backend="tpu")
+
+    class Fake:
+        @classmethod
+        def load(cls, model_id, **options):
+            return (model_id, options)
+
+    monkeypatch.setitem(api.ENGINES, "fake", f"{__name__}:_FAKE_ENGINE")
+    monkeypatch.setitem(globals(), "_FAKE_ENGINE", Fake)
+    assert load_engine("m", backend="fake", dtype="float32") == ("m", {"dtype": "float32"})

@@ -12,9 +12,9 @@ import pytest
 from image_corpus import bad_images, encode, good_images
 from PIL import Image
 
-from phantom_ray.eval import images as eval_images
 from phantom_ray.ingest import (IMAGE_REASONS, FetchError, FetchPolicy, ImageError, ImageLimits, fetch_bytes,
                                 open_image, resolve_s3)
+from phantom_ray.ingest import load_image as ingest_load_image
 from phantom_ray.processing import ImageError as ProcessingImageError
 from phantom_ray.processing import load_image as processing_load_image
 
@@ -34,7 +34,7 @@ def test_bad_image_refused_with_reason_by_every_loader(name):
     loaders = {
         "ingest.open_image": lambda: open_image(data),
         "processing.load_image": lambda: processing_load_image(data),
-        "eval.images.load_image": lambda: eval_images.load_image(data),
+        "ingest.load_image": lambda: ingest_load_image(data),
     }
     for where, load in loaders.items():
         with pytest.raises(ImageError) as e:
@@ -48,7 +48,7 @@ def test_awkward_valid_image_is_the_same_rgb_everywhere(name):
     data, size, pixel = GOOD[name]
     a = open_image(data)
     b = processing_load_image(data)
-    c = eval_images.load_image(data)
+    c = ingest_load_image(data)
     for img in (a, b, c):
         assert img.mode == "RGB" and img.size == size
         assert img.tobytes() == a.tobytes()

@@ -4,12 +4,12 @@ log-probs and the same parameter gradients as running the samples one by one."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
+from helpers import tiny_processor
+from train_helpers import po_pairs
 
-from phantom_ray.model import PhantomConfig, PhantomForCausalLM
+from phantom_ray.model import PhantomForCausalLM
 from phantom_ray.processing.processor import plan_rows
 from phantom_ray.train.loss import segment_sums, target_logps
 
@@ -18,25 +18,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def proc():
-    from phantom_ray.processing import PhantomProcessor, load_tokenizer
-
-    cfg = PhantomConfig.from_preset("tiny-qwen2")
-    return PhantomProcessor(cfg, load_tokenizer("tiny-qwen2", cfg), max_length=512)
-
-
-def _pairs(proc, n, seed=0):
-    from phantom_ray.data.synth import QUESTIONS, _wrong, random_image
-    from phantom_ray.processing.images import load_image
-
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        img = random_image(rng, 32)
-        q = ["colour", "shape", "count"][i % 3]
-        right = img.answer(q)
-        chosen = right + " indeed" * (i % 4)  # different answer lengths, so rows are uneven
-        out.append(proc.encode_triple(QUESTIONS[q], chosen, _wrong(rng, q, right), image=load_image(img.png)))
-    return out
+    return tiny_processor("tiny-qwen2", max_length=512)
 
 
 def _model(attn):
@@ -66,7 +48,7 @@ def test_plan_rows_first_fit_decreasing():
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_packed_pairs_equal_one_by_one_losses_and_gradients(proc, attn):
-    pairs = _pairs(proc, 5)
+    pairs = po_pairs(proc, 5)
     B = len(pairs)
     lens = [max(len(p.chosen), len(p.rejected)) for p in pairs]
     budget = sorted(lens)[-1] + sorted(lens)[0] + 1  # at least two pairs share a row
@@ -101,7 +83,7 @@ def test_packed_pairs_equal_one_by_one_losses_and_gradients(proc, attn):
 
 
 def test_packed_single_sample_equals_unpacked(proc):
-    pair = _pairs(proc, 1, seed=3)[0]
+    pair = po_pairs(proc, 1, seed=3)[0]
     model = _model("sdpa")
     packed = proc.pack([pair.chosen], 10_000)
     plain = proc.collate([pair.chosen])
@@ -115,7 +97,7 @@ def test_packed_single_sample_equals_unpacked(proc):
 
 def test_packed_rows_keep_each_sample_own_phantom_token(proc):
     """Changing one sample's first token changes only that sample's outputs in a packed row."""
-    pairs = _pairs(proc, 2, seed=5)
+    pairs = po_pairs(proc, 2, seed=5)
     model = _model("eager")
     batch = proc.pack([p.chosen for p in pairs], 10_000)
     assert batch["input_ids"].shape[0] == 1 and int(batch["segment_ids"].max()) == 1

@@ -7,6 +7,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from helpers import noise_pil, tiny_processor
 from PIL import Image
 
 from phantom_ray.model.config import PhantomConfig
@@ -18,17 +19,12 @@ from phantom_ray.processing import (
     candidate_grids,
     choose_grid,
     dynamic_tiles,
-    load_tokenizer,
     tile_pixel_values,
 )
 
 torch.set_num_threads(1)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-
-
-def noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,14 +73,14 @@ def test_candidate_grid_order_is_the_spec_order():
 def test_grid_and_tile_count_follow_the_spec_rule(w, h, grid):
     assert spec_grid(w, h) == grid  # the table itself agrees with the independent rule
     assert choose_grid(w, h) == grid
-    tiles = dynamic_tiles(noise_image(w, h, seed=w + h))
+    tiles = dynamic_tiles(noise_pil(w, h, w + h))
     n = grid[0] * grid[1]
     assert len(tiles) == (n if n == 1 else n + 1)
     assert all(t.size == (448, 448) and t.mode == "RGB" for t in tiles)
 
 
 def test_tiles_are_direct_crops_of_the_resized_image_and_thumbnail_is_last():
-    img = noise_image(700, 300, seed=3)  # ratio 2.33 -> (2,1)
+    img = noise_pil(700, 300, 3)  # ratio 2.33 -> (2,1)
     cols, rows = spec_grid(700, 300)
     resized = img.resize((448 * cols, 448 * rows), Image.BICUBIC)
     tiles = dynamic_tiles(img)
@@ -97,14 +93,14 @@ def test_tiles_are_direct_crops_of_the_resized_image_and_thumbnail_is_last():
 
 
 def test_tile_limits_come_from_arguments():
-    img = noise_image(3000, 500)
+    img = noise_pil(3000, 500)
     assert len(dynamic_tiles(img, max_tiles=2)) == 3  # (2,1) + thumbnail
     assert [t.size for t in dynamic_tiles(img, image_size=32, max_tiles=12)][0] == (32, 32)
-    assert len(dynamic_tiles(noise_image(40, 40), min_tiles=2, max_tiles=4)) == 5  # (2,2): (1,1) not allowed
+    assert len(dynamic_tiles(noise_pil(40, 40), min_tiles=2, max_tiles=4)) == 5  # (2,2): (1,1) not allowed
 
 
 def test_fast_normalisation_equals_per_tile_totensor_normalize():
-    img = noise_image(1000, 620, seed=5)
+    img = noise_pil(1000, 620, 5)
     ref = torch.stack([
         (torch.from_numpy(np.array(t)).permute(2, 0, 1).float().div(255) - MEAN) / STD
         for t in dynamic_tiles(img)
@@ -122,8 +118,7 @@ def test_fast_normalisation_equals_per_tile_totensor_normalize():
 def procs():
     out = {}
     for preset in ("tiny-qwen2", "tiny-internlm2", "tiny-phi3"):
-        cfg = PhantomConfig.from_preset(preset)
-        out[preset] = PhantomProcessor(cfg, load_tokenizer(preset, cfg), max_length=512)
+        out[preset] = tiny_processor(preset, max_length=512)
     return out
 
 
@@ -164,7 +159,7 @@ def test_prompt_strings_match_the_spec_byte_for_byte(procs):
 @pytest.mark.parametrize("template", ["chatml", "phi3"])
 def test_image_token_count_is_256_per_tile(template):
     proc = real_size_processor(template)
-    s = proc.encode_prompt("What is this?", images=noise_image(1920, 1080))
+    s = proc.encode_prompt("What is this?", images=noise_pil(1920, 1080))
     assert s.num_tiles == [3]
     assert s.pixel_values.shape == (3, 3, 448, 448)
     assert int((s.input_ids == proc.image_token_id).sum()) == 256 * 3
@@ -174,7 +169,7 @@ def test_image_token_count_is_256_per_tile(template):
 @pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-internlm2", "tiny-phi3"])
 def test_segment_ids_equal_tokenizing_the_prompt_string(procs, preset):
     proc = procs[preset]
-    s = proc.encode_prompt("What color is the circle?", images=noise_image(64, 32), system="Answer briefly.")
+    s = proc.encode_prompt("What color is the circle?", images=noise_pil(64, 32), system="Answer briefly.")
     text = proc.build_prompt([{"role": "user", "content": "What color is the circle?"}], system="Answer briefly.",
                              num_tiles=s.num_tiles)
     assert s.input_ids.tolist() == proc.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -188,7 +183,7 @@ def test_labels_cover_exactly_the_answers_and_their_end_tokens(procs, preset):
     answers = ["The circle is red.", " Two squares\nand one triangle."]
     conv = [{"role": "user", "content": "What color is the circle?"}, {"role": "assistant", "content": answers[0]},
             {"role": "user", "content": "How many shapes?"}, {"role": "assistant", "content": answers[1]}]
-    s = proc.encode(conv, images=noise_image(40, 40), system="You are a helpful assistant.")
+    s = proc.encode(conv, images=noise_pil(40, 40), system="You are a helpful assistant.")
     ids, labels = s.input_ids.tolist(), s.labels.tolist()
     sup = [k for k, x in enumerate(labels) if x != -100]
     assert all(labels[k] == ids[k] for k in sup)
@@ -206,7 +201,7 @@ def test_labels_cover_exactly_the_answers_and_their_end_tokens(procs, preset):
         assert head.endswith("assistant|>\n" if preset == "tiny-phi3" else "<|im_start|>assistant\n")
     assert proc.decode(s.labels[s.labels != -100]) == "".join(answers)
     # generation mode: nothing supervised
-    g = proc.encode(conv[:3], images=noise_image(40, 40), add_generation_prompt=True)
+    g = proc.encode(conv[:3], images=noise_pil(40, 40), add_generation_prompt=True)
     assert (g.labels == -100).all()
 
 
@@ -218,11 +213,11 @@ def test_image_placeholders_h10_and_multiple_images(procs):
     assert ctx not in s.input_ids.tolist() and s.pixel_values is None and s.num_tiles == []
     assert "<image>" not in proc.tokenizer.decode(s.input_ids)
     # image without placeholder: prepended to the question
-    s = proc.encode_prompt("What is red?", images=noise_image(32, 32))
+    s = proc.encode_prompt("What is red?", images=noise_pil(32, 32))
     head = proc.tokenizer("<|im_start|>user\n<img>", add_special_tokens=False)["input_ids"]
     assert s.input_ids.tolist()[:len(head)] == head
     # two images, two placeholders: each gets its own tiles, in order
-    a, b = noise_image(32, 32, 1), noise_image(96, 32, 2)  # 1 tile; (3,1) + thumbnail = 4 tiles
+    a, b = noise_pil(32, 32, 1), noise_pil(96, 32, 2)  # 1 tile; (3,1) + thumbnail = 4 tiles
     s = proc.encode([{"role": "user", "content": "<image>left, <image>right: which is wider?"},
                      {"role": "assistant", "content": "The right one."}], images=[a, b])
     assert s.num_tiles == [1, 4]
@@ -256,11 +251,11 @@ def test_malformed_conversations_are_rejected_with_reasons(procs):
 
 def test_config_tiling_settings_are_used():
     cfg = PhantomConfig.from_preset("tiny-qwen2", max_dynamic_patch=2, use_thumbnail=False)
-    proc = PhantomProcessor(cfg, build_tiny_tokenizer("chatml"))
-    s = proc.encode_prompt("q", images=noise_image(300, 40))
+    proc = tiny_processor(cfg)
+    s = proc.encode_prompt("q", images=noise_pil(300, 40))
     assert s.num_tiles == [2] and s.pixel_values.shape == (2, 3, 32, 32)
     cfg = PhantomConfig.from_preset("tiny-qwen2", dynamic_image_size=False)
-    assert PhantomProcessor(cfg, build_tiny_tokenizer("chatml")).encode_prompt("q", images=noise_image(300, 40)).num_tiles == [1]
+    assert tiny_processor(cfg).encode_prompt("q", images=noise_pil(300, 40)).num_tiles == [1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -270,7 +265,7 @@ def test_config_tiling_settings_are_used():
 def test_length_policy():
     cfg = PhantomConfig.from_preset("tiny-qwen2")
     tok = build_tiny_tokenizer("chatml")
-    img = noise_image(96, 32)  # 4 tiles -> 16 context tokens + 2 markers
+    img = noise_pil(96, 32)  # 4 tiles -> 16 context tokens + 2 markers
     conv = [{"role": "user", "content": "What is it?"},
             {"role": "assistant", "content": "There are three red circles and two blue squares on the left."}]
     full = PhantomProcessor(cfg, tok, max_length=4096).encode(conv, images=img)
@@ -304,7 +299,7 @@ def test_length_policy():
 
 def test_collate_right_and_left(procs):
     proc = procs["tiny-qwen2"]
-    imgs = [noise_image(32, 32, 1), None, noise_image(96, 32, 2)]
+    imgs = [noise_pil(32, 32, 1), None, noise_pil(96, 32, 2)]
     samples = [
         proc.encode([{"role": "user", "content": q}, {"role": "assistant", "content": a}], images=im)
         for q, a, im in [("What color?", "Red.", imgs[0]), ("Count the stars in the sky.", "Three stars.", None),
@@ -336,8 +331,8 @@ def test_collate_right_and_left(procs):
 def test_po_pairs_share_prompt_and_pixels(procs):
     proc = procs["tiny-phi3"]
     pairs = [
-        proc.encode_triple("What color is the circle?", "The circle is red.", "It is blue.", image=noise_image(64, 32, 1)),
-        proc.encode_triple("How many stars?", "Two.", "There are seven yellow stars.", image=noise_image(32, 32, 2)),
+        proc.encode_triple("What color is the circle?", "The circle is red.", "It is blue.", image=noise_pil(64, 32, 1)),
+        proc.encode_triple("How many stars?", "Two.", "There are seven yellow stars.", image=noise_pil(32, 32, 2)),
     ]
     for p in pairs:
         assert p.chosen.pixel_values is p.rejected.pixel_values
@@ -362,7 +357,7 @@ def test_po_pairs_share_prompt_and_pixels(procs):
 def test_processor_pickles(procs):
     proc = procs["tiny-internlm2"]
     clone = pickle.loads(pickle.dumps(proc))
-    img = noise_image(50, 30)
+    img = noise_pil(50, 30)
     a, b = proc.encode_prompt("What?", images=img), clone.encode_prompt("What?", images=img)
     assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
 
@@ -379,7 +374,7 @@ def test_openai_content_parts_equal_placeholders(procs):
     import io
 
     proc = procs["tiny-qwen2"]
-    img = noise_image(64, 32, 9)
+    img = noise_pil(64, 32, 9)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

@@ -4,39 +4,17 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_processor
+from image_corpus import encode, png_header_bomb
 from PIL import Image
 
-from phantom_ray.model.config import PhantomConfig
-from phantom_ray.processing import (
-    ImageError,
-    PhantomProcessor,
-    build_tiny_tokenizer,
-    dynamic_tiles,
-    load_image,
-)
+from phantom_ray.processing import ImageError, dynamic_tiles, load_image
 
 torch.set_num_threads(1)
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def png_header_only(w: int, h: int) -> bytes:
-    """A PNG whose header claims w x h pixels, with a tiny (invalid-length) IDAT: a decompression
-    bomb is caught from the header, before any pixel is decoded."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
 
 def solid(mode: str, size, color) -> Image.Image:
@@ -104,8 +82,8 @@ BAD = {
     "png_1x40000": (lambda: encode(Image.new("L", (1, 40000), 255), "PNG"), {}, "bad_aspect_ratio", "40000"),
     "over_pixel_limit": (lambda: encode(Image.new("RGB", (1200, 1000)), "PNG"), {"max_pixels": 1_000_000},
                          "too_many_pixels", "1200x1000"),
-    "bomb_header_9000x9000": (lambda: png_header_only(9000, 9000), {}, "too_many_pixels", "9000x9000"),
-    "bomb_header_60000x60000": (lambda: png_header_only(60000, 60000), {}, "too_many_pixels", ""),
+    "bomb_header_9000x9000": (lambda: png_header_bomb(9000, 9000), {}, "too_many_pixels", "9000x9000"),
+    "bomb_header_60000x60000": (lambda: png_header_bomb(60000, 60000), {}, "too_many_pixels", ""),
     "zero_size_pil": (lambda: Image.new("RGB", (0, 5)), {}, "empty_image", "zero size"),
     "float_tensor": (lambda: torch.rand(3, 8, 8), {}, "unsupported_input", "uint8"),
     "bad_data_uri": (lambda: "data:image/png;base64,@@@", {}, "undecodable_image", "base64"),
@@ -130,8 +108,7 @@ def test_aspect_ratio_limit_is_configurable():
 
 
 def test_processor_reports_bad_images_and_keeps_working():
-    cfg = PhantomConfig.from_preset("tiny-qwen2")
-    proc = PhantomProcessor(cfg, build_tiny_tokenizer("chatml"), max_pixels=1_000_000)
+    proc = tiny_processor("tiny-qwen2", max_pixels=1_000_000)
     conv = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A red circle."}]
     reasons = []
     for name, (make, _, _, _) in BAD.items():
@@ -143,7 +120,7 @@ def test_processor_reports_bad_images_and_keeps_working():
     for name, (src, _) in good_cases().items():
         s = proc.encode(conv, images=src)
         assert s.pixel_values.shape[1:] == (3, 32, 32)
-        assert int((s.input_ids == proc.image_token_id).sum()) == sum(s.num_tiles) * cfg.num_image_token
+        assert int((s.input_ids == proc.image_token_id).sum()) == sum(s.num_tiles) * proc.config.num_image_token
 
 
 def test_tensor_layouts_agree():

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from phantom_ray.serving.api import Frontend, create_api
 from phantom_ray.serving.config import ServeArgs, parse_args
 from phantom_ray.serving.worker import ModelWorker
-from serving_helpers import WorkerBackend, data_uri, png_bytes, tiny_args
+from helpers import data_uri, png_bytes
+from serving_helpers import WorkerBackend, tiny_args
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from helpers import free_port
 
 from phantom_ray.cli import build_parser, main
 
@@ -37,15 +37,9 @@ def test_bad_config_exits_2_naming_the_field(tmp_path, capsys):
     assert main(["serve", "--config", str(tmp_path / "missing.yaml")]) == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_phantom_ray_serve_runs_local_cpu_config_until_interrupted(tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled"), "PHANTOM_API_KEYS": "",
            "RAY_ADDRESS": ""}
     log = open(tmp_path / "serve.log", "w")

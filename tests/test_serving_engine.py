@@ -10,7 +10,7 @@ import torch
 
 from phantom_ray.serving.config import ModelSpec
 from phantom_ray.serving.worker import ModelWorker
-from serving_helpers import png_bytes
+from helpers import png_bytes
 
 torch.set_num_threads(1)
 

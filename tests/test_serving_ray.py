@@ -6,20 +6,14 @@ serving; a full model queue answers 503. One application for the module (~30-60 
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import httpx
 import pytest
 
-from serving_helpers import data_uri, png_bytes, request_variants, tiny_args
+from helpers import data_uri, free_port, png_bytes
+from serving_helpers import request_variants, tiny_args
 
 APP = "phantom-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

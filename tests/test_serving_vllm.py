@@ -5,11 +5,11 @@ computed in this process; our error shapes and limits stay in front of vLLM."""
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 
-from serving_helpers import data_uri, png_bytes, tiny_args
+from helpers import data_uri, free_port, png_bytes
+from serving_helpers import tiny_args
 
 APP = "phantom-vllm-test"
 MODEL = "tiny-qwen2"
@@ -17,12 +17,6 @@ MODEL = "tiny-qwen2"
 # processes) and a block size that is a multiple of 32
 VLLM = dict(engine="vllm", max_model_len=256, kv_cache_memory_bytes=32 * 2**20, block_size=32,
             num_cpus=1.0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_model_spec_vllm_options():
@@ -44,6 +38,7 @@ def test_model_spec_vllm_options():
                                 "max_num_batched_tokens": 8192})
     assert spec.engine_options()["max_num_seqs"] == 512 and spec.engine_options()["max_num_batched_tokens"] == 8192
     assert "max_num_seqs" not in ModelSpec.from_dict({"name": "m", "checkpoint": "x", "engine": "vllm"}).engine_options()
+    assert ModelSpec.model_validate(spec.model_dump()) == spec  # what a replica does with its spec
     with pytest.raises(ConfigError, match="max_num_seqs"):
         ModelSpec.from_dict({"name": "m", "checkpoint": "tiny-qwen2", "engine": "vllm", "max_batch_size": 16})
     with pytest.raises(ConfigError, match="only apply to engine vllm"):

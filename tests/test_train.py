@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from phantom_ray.train.config import TrainConfig
 from phantom_ray.train.loss import po_preference, preference_loss, sequence_logps, sft_loss
 
-from train_helpers import pair_batches, tiny_cfg
+from helpers import tiny_processor
+from train_helpers import pair_batches, po_pairs, tiny_cfg
 
 torch.set_num_threads(1)
 
@@ -354,14 +355,8 @@ def test_step2_starts_from_step1_export(tmp_path, batches):
 
 def test_packed_batch_gives_the_padded_batch_loss(tmp_path):
     """The recipe's loss on a packed PO batch equals its loss on the same pairs padded."""
-    from phantom_ray.model import PhantomConfig
-    from phantom_ray.processing import PhantomProcessor, load_tokenizer
-
-    from test_packing import _pairs
-
-    pc = PhantomConfig.from_preset("tiny-qwen2")
-    proc = PhantomProcessor(pc, load_tokenizer("tiny-qwen2", pc), max_length=256)
-    pairs = _pairs(proc, 4, seed=2)
+    proc = tiny_processor("tiny-qwen2", max_length=256)
+    pairs = po_pairs(proc, 4, seed=2)
     rec = _recipe(tiny_cfg(tmp_path, recipe={"step": 2}, loss={"chunk_tokens": 7}))
     padded, packed = proc.collate_pairs(pairs), proc.pack_pairs(pairs, 400)
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]

@@ -53,7 +53,9 @@ def test_zero2_and_zero3_match_single_process_loss_curve(ray_local, tmp_path):
         rank = ray.train.get_context().get_world_rank()
         curves = {}
         for stage in (2, 3):
-            cfg = TrainConfig.from_dict({**config["base"], "deepspeed": {"zero_stage": stage}})
+            # ZeRO-3 with every parameter partitioned: the fused head + loss gathers the LM head itself
+            extra = {"zero_optimization": {"stage3_param_persistence_threshold": 0}} if stage == 3 else {}
+            cfg = TrainConfig.from_dict({**config["base"], "deepspeed": {"zero_stage": stage, "extra": extra}})
             rec = PhantomRecipe(cfg).setup(config["steps"])
             losses = []
 

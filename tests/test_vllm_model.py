@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -24,7 +23,7 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'p
 # in-process engine core: ~3 s start instead of a spawned process, and our registration is seen
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
-from PIL import Image  # noqa: E402
+from helpers import noise_pil  # noqa: E402
 
 from phantom_ray.model.modeling import PhantomForCausalLM  # noqa: E402
 from phantom_ray.processing.processor import PhantomProcessor  # noqa: E402
@@ -41,10 +40,6 @@ QUESTIONS = [
     "Count the shapes in the picture and describe each of them, the red circle first, then the blue square.",
     "Is the triangle green?",
 ]
-
-
-def _image(w: int, h: int, seed: int) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(h, w, 3) * 255).astype("uint8"))
 
 
 def new_llm(model_dir: str, **kw):
@@ -106,8 +101,8 @@ def test_mixed_batch_with_and_without_images(family):
     (1 tile; a 3x1 grid + thumbnail = 4 tiles), equals our torch generate prompt by prompt."""
     _, model, proc, llm = family
     cases = [(q, []) for q in QUESTIONS] + [
-        ("Describe the image.", [_image(30, 30, 1)]),
-        ("What is on the left?", [_image(96, 32, 2)]),
+        ("Describe the image.", [noise_pil(30, 30, 1)]),
+        ("What is on the left?", [noise_pil(96, 32, 2)]),
     ]
     samples = [_encode(proc, q, ims) for q, ims in cases]
     assert [s.num_tiles for s in samples[-2:]] == [[1], [4]]
@@ -121,7 +116,7 @@ def test_prefix_cache_serves_same_prefix_twice(family):
     """The same prompt twice and a prompt sharing its prefix: the later ones hit vLLM's prefix cache
     (augmented phantom keys/values are reused) and still equal the torch engine."""
     _, model, proc, llm = family
-    img = _image(64, 32, 3)
+    img = noise_pil(64, 32, 3)
     base = "Look at every shape in this picture carefully, then answer. " * 3
     cases = [(base + "What colour is the circle?", [img]), (base + "What colour is the circle?", [img]),
              (base + "How many squares?", [img]), (base + "Is the triangle big?", [])]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import random
 
-import torch
-
 
 def tiny_cfg(tmp_path, **sections):
     from phantom_ray.train.config import TrainConfig
@@ -69,3 +67,19 @@ class PauseAtStep:
             f.write(str(os.getpid()))
         os.replace(marker + ".tmp", marker)
         time.sleep(self.pause_s)
+
+
+def po_pairs(proc, n, seed=0):
+    """``n`` encoded PO triples of the shapes corpus with uneven answer lengths (packing and loss tests)."""
+    from phantom_ray.data.synth import QUESTIONS, _wrong, random_image
+    from phantom_ray.processing.images import load_image
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        img = random_image(rng, 32)
+        q = ["colour", "shape", "count"][i % 3]
+        right = img.answer(q)
+        chosen = right + " indeed" * (i % 4)  # different answer lengths, so rows are uneven
+        out.append(proc.encode_triple(QUESTIONS[q], chosen, _wrong(rng, q, right), image=load_image(img.png)))
+    return out

@@ -39,10 +39,10 @@ INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<re
 BASE_VOCAB_PADDING = 16  # base Qwen2 / Phi-3 embeddings have rows past their tokenizer
 
 
-def _preset(family: str):
+def _preset(family: str, size: str | None = None):
     from phantom_ray.model.config import PhantomConfig
 
-    return PhantomConfig.from_preset(TINY_SIZE[family])
+    return PhantomConfig.from_preset(size or TINY_SIZE[family])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -53,10 +53,10 @@ def _rand(g: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=g) * 0.2
 
 
-def vision_state_dict(g: torch.Generator, family: str = "qwen2") -> dict[str, torch.Tensor]:
+def vision_state_dict(g: torch.Generator, family: str = "qwen2", size: str | None = None) -> dict[str, torch.Tensor]:
     """InternViT keys (InternViT-300M-448px: embeddings, encoder.layers.{i}.{attn.qkv, attn.proj,
     mlp.fc1, mlp.fc2, norm1, norm2, ls1, ls2}), without a prefix."""
-    v = _preset(family).vision_config
+    v = _preset(family, size).vision_config
     C, I, P = v.hidden_size, v.intermediate_size, v.patch_size
     n = (v.image_size // P) ** 2
     sd = {"embeddings.class_embedding": _rand(g, 1, 1, C),
@@ -75,9 +75,9 @@ def vision_state_dict(g: torch.Generator, family: str = "qwen2") -> dict[str, to
     return sd
 
 
-def vision_config_dict(family: str = "qwen2") -> dict:
+def vision_config_dict(family: str = "qwen2", size: str | None = None) -> dict:
     """InternViT config.json fields (InternViT-300M-448px's, at the tiny shapes)."""
-    v = _preset(family).vision_config
+    v = _preset(family, size).vision_config
     return {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
             "auto_map": {"AutoConfig": "configuration_intern_vit.InternVisionConfig",
                          "AutoModel": "modeling_intern_vit.InternVisionModel"},
@@ -89,20 +89,20 @@ def vision_config_dict(family: str = "qwen2") -> dict:
             "attention_dropout": 0.0, "use_flash_attn": True, "torch_dtype": "float32"}
 
 
-def projector_state_dict(g: torch.Generator, family: str) -> dict[str, torch.Tensor]:
+def projector_state_dict(g: torch.Generator, family: str, size: str | None = None) -> dict[str, torch.Tensor]:
     """InternVL2's ``mlp1``: LayerNorm(4C) -> Linear(4C, C_llm) -> GELU -> Linear(C_llm, C_llm)."""
-    cfg = _preset(family)
+    cfg = _preset(family, size)
     d_in, d = 4 * cfg.vision_config.hidden_size, cfg.llm_config.hidden_size
     return {"mlp1.0.weight": 1 + _rand(g, d_in), "mlp1.0.bias": _rand(g, d_in),
             "mlp1.1.weight": _rand(g, d, d_in), "mlp1.1.bias": _rand(g, d),
             "mlp1.3.weight": _rand(g, d, d), "mlp1.3.bias": _rand(g, d)}
 
 
-def hf_llm_config(family: str, vocab: int, *, tie: bool = False):
+def hf_llm_config(family: str, vocab: int, *, tie: bool = False, size: str | None = None):
     """transformers' config for the tiny LLM of ``family`` (qwen2, phi3)."""
     from transformers import Phi3Config, Qwen2Config
 
-    llm = _preset(family).llm_config
+    llm = _preset(family, size).llm_config
     common = dict(vocab_size=vocab, hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
                   num_hidden_layers=llm.num_hidden_layers, num_attention_heads=llm.num_attention_heads,
                   num_key_value_heads=llm.num_key_value_heads, rms_norm_eps=llm.rms_norm_eps,
@@ -111,12 +111,13 @@ def hf_llm_config(family: str, vocab: int, *, tie: bool = False):
         return Qwen2Config(**common, rope_theta=llm.rope_theta, use_sliding_window=False, bos_token_id=0,
                            eos_token_id=2, pad_token_id=0)
     rs = llm.rope_scaling
+    rope = None if not rs else {"rope_type": "longrope", "short_factor": list(rs["short_factor"]),
+                                "long_factor": list(rs["long_factor"]),
+                                "original_max_position_embeddings": llm.original_max_position_embeddings}
     return Phi3Config(**common, rope_theta=llm.rope_theta, sliding_window=llm.sliding_window,
                       original_max_position_embeddings=llm.original_max_position_embeddings,
-                      rope_scaling={"rope_type": "longrope", "short_factor": list(rs["short_factor"]),
-                                    "long_factor": list(rs["long_factor"]),
-                                    "original_max_position_embeddings": llm.original_max_position_embeddings},
-                      resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                      rope_scaling=rope, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0)
 
 
 def _randomise(model: torch.nn.Module, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -126,21 +127,24 @@ def _randomise(model: torch.nn.Module, g: torch.Generator) -> dict[str, torch.Te
     return model.state_dict()
 
 
-def hf_llm_state_dict(family: str, vocab: int, g: torch.Generator, *, tie: bool = False) -> dict[str, torch.Tensor]:
-    """The state dict of transformers' own ``Qwen2ForCausalLM`` / ``Phi3ForCausalLM`` (random)."""
+def hf_llm_state_dict(family: str, vocab: int, g: torch.Generator, *, tie: bool = False,
+                      size: str | None = None) -> dict[str, torch.Tensor]:
+    """The keys and shapes of transformers' own ``Qwen2ForCausalLM`` / ``Phi3ForCausalLM`` (built on
+    the meta device), with random values."""
     from transformers import Phi3ForCausalLM, Qwen2ForCausalLM
 
     cls = Qwen2ForCausalLM if family == "qwen2" else Phi3ForCausalLM
-    model = cls(hf_llm_config(family, vocab, tie=tie))
-    sd = _randomise(model, g)
+    with torch.device("meta"):
+        model = cls(hf_llm_config(family, vocab, tie=tie, size=size))
+    sd = {k: _rand(g, *v.shape) + (1.0 if v.ndim == 1 else 0.0) for k, v in model.state_dict().items()}
     if tie:
         sd.pop("lm_head.weight", None)
-    return {k: v.clone() for k, v in sd.items()}
+    return sd
 
 
-def internlm2_config_dict(vocab: int) -> dict:
+def internlm2_config_dict(vocab: int, size: str | None = None) -> dict:
     """An InternLM2 config.json (the remote-code layout of internlm2-chat-1_8b, tiny shapes)."""
-    llm = _preset("internlm2").llm_config
+    llm = _preset("internlm2", size).llm_config
     return {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
             "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
                          "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
@@ -153,11 +157,11 @@ def internlm2_config_dict(vocab: int) -> dict:
             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "torch_dtype": "float32", "use_cache": True}
 
 
-def internlm2_state_dict(vocab: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+def internlm2_state_dict(vocab: int, g: torch.Generator, size: str | None = None) -> dict[str, torch.Tensor]:
     """InternLM2 keys by hand: ``model.tok_embeddings``, per layer ``attention.wqkv`` (packed: per
     kv group r query heads, the key head, the value head), ``attention.wo``, ``feed_forward.w1/w2/w3``,
     ``attention_norm``, ``ffn_norm``; ``model.norm``; head ``output``."""
-    llm = _preset("internlm2").llm_config
+    llm = _preset("internlm2", size).llm_config
     C, I, H, Hk = llm.hidden_size, llm.intermediate_size, llm.num_attention_heads, llm.num_key_value_heads
     D = C // H
     sd = {"model.tok_embeddings.weight": _rand(g, vocab, C), "model.norm.weight": 1 + _rand(g, C),
@@ -171,11 +175,13 @@ def internlm2_state_dict(vocab: int, g: torch.Generator) -> dict[str, torch.Tens
     return sd
 
 
-def save_tensors(directory: Path, sd: dict[str, torch.Tensor], shards: int = 1) -> None:
+def save_tensors(directory: Path, sd: dict[str, torch.Tensor], shards: int = 1, dtype: torch.dtype | None = None) -> None:
     """``model.safetensors``, or ``shards`` files plus ``model.safetensors.index.json``."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
+    if dtype is not None:
+        sd = {k: v.to(dtype) for k, v in sd.items()}
     keys = sorted(sd)
     if shards <= 1:
         save_file({k: sd[k].contiguous() for k in keys}, str(directory / "model.safetensors"), metadata={"format": "pt"})
@@ -253,8 +259,8 @@ def _sentencepiece(directory: Path, added: list[str] | None = None) -> int:
 # the two upstream layouts
 # ------------------------------------------------------------------------------------------------
 
-def internvl2_config(family: str, llm_config: dict) -> dict:
-    cfg = _preset(family)
+def internvl2_config(family: str, llm_config: dict, size: str | None = None) -> dict:
+    cfg = _preset(family, size)
     return {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat",
             "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
                          "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
@@ -262,34 +268,44 @@ def internvl2_config(family: str, llm_config: dict) -> dict:
             "min_dynamic_patch": 1, "max_dynamic_patch": 12, "use_thumbnail": True, "ps_version": "v2",
             "select_layer": -1, "template": INTERNVL2_TEMPLATE[family], "use_backbone_lora": 0,
             "use_llm_lora": 0, "torch_dtype": "float32",
-            "vision_config": vision_config_dict(family), "llm_config": llm_config}
+            "vision_config": vision_config_dict(family, size), "llm_config": llm_config}
 
 
-def write_internvl2(directory, family: str, *, shards: int = 1, seed: int = 0) -> Path:
-    """A tiny InternVL2 checkpoint of ``family`` (the InternVL2-1B / 2B / 4B layout) in ``directory``."""
+def write_internvl2(directory, family: str, *, shards: int = 1, seed: int = 0, size: str | None = None,
+                    dtype: torch.dtype | None = None, tokenizer=None) -> Path:
+    """A tiny InternVL2 checkpoint of ``family`` (the InternVL2-1B / 2B / 4B layout) in ``directory``.
+    ``size`` (another preset of the family, e.g. phantom-0.5b) and ``tokenizer`` (one with the
+    InternVL tokens, saved as is) make a full-size one (bench/model_init.py)."""
     from phantom_ray.processing.tokenizers import build_tiny_tokenizer
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    if family == "internlm2":
+    if family == "internlm2" and tokenizer is None:
         vocab = _sentencepiece(d, added=INTERNVL_TOKENS)
-        llm_sd, llm_cfg = internlm2_state_dict(vocab, g), internlm2_config_dict(vocab)
-    elif family in ("qwen2", "phi3"):
-        tok = build_tiny_tokenizer("chatml" if family == "qwen2" else "phi3")  # has the InternVL tokens
+        llm_sd, llm_cfg = internlm2_state_dict(vocab, g, size), internlm2_config_dict(vocab, size)
+    elif family in FAMILIES:
+        tok = tokenizer or build_tiny_tokenizer("chatml" if family == "qwen2" else "phi3")  # has the InternVL tokens
         tok.save_pretrained(d)
         vocab = len(tok)
-        llm_sd = hf_llm_state_dict(family, vocab, g)
-        llm_cfg = hf_llm_config(family, vocab).to_dict()
-        llm_cfg.update(architectures=["Qwen2ForCausalLM" if family == "qwen2" else "Phi3ForCausalLM"],
-                       attn_implementation="flash_attention_2")
+        if family == "internlm2":
+            llm_sd, llm_cfg = internlm2_state_dict(vocab, g, size), internlm2_config_dict(vocab, size)
+        else:
+            llm_sd = hf_llm_state_dict(family, vocab, g, size=size)
+            llm_cfg = hf_llm_config(family, vocab, size=size).to_dict()
+            llm_cfg.update(architectures=["Qwen2ForCausalLM" if family == "qwen2" else "Phi3ForCausalLM"],
+                           attn_implementation="flash_attention_2")
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    sd = {"vision_model." + k: v for k, v in vision_state_dict(g, family).items()}
-    sd.update(projector_state_dict(g, family))
+    def cast(part: dict) -> dict:  # part by part: a full-size source never exists twice in float32
+        return {k: v.to(dtype) for k, v in part.items()} if dtype is not None else part
+
+    llm_sd = cast(llm_sd)
+    sd = {"vision_model." + k: v for k, v in cast(vision_state_dict(g, family, size)).items()}
+    sd.update(cast(projector_state_dict(g, family, size)))
     sd.update({"language_model." + k: v for k, v in llm_sd.items()})
     save_tensors(d, sd, shards)
-    (d / "config.json").write_text(json.dumps(internvl2_config(family, llm_cfg), indent=2))
+    (d / "config.json").write_text(json.dumps(internvl2_config(family, llm_cfg, size), indent=2))
     return d
 
 

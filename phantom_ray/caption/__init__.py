@@ -3,7 +3,7 @@ exactly once and resumable.
 
 Stages::
 
-    plan (driver, streaming;   plan.py)   list the input page by page (s3:// prefix or local folder, canonical
+    plan (driver, streaming)   list the input page by page (s3:// prefix or local folder, canonical
                                URIs) or stream a manifest (parquet/JSONL/CSV, every column kept);
                                cut it into chunks of ``shard_size`` rows in listing/manifest order;
                                write each chunk's rows to ``<output>/_plan/chunk-<i>.parquet`` and
@@ -13,6 +13,8 @@ Stages::
                                chunk, fetch and open its images (I/O threads, ahead of the model),
                                generate, write ``part-<i>.<fmt>`` atomically, return counts only
     count (driver)             progress bar, summary
+
+(plan: ``plan.py``; caption: ``stage.py``; count and the whole run: ``job.py``)
 
 Output, under ``--output``::
 

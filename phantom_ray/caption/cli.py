@@ -21,6 +21,7 @@ import sys
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from phantom_ray.caption.config import DEFAULT_PROMPT
+    from phantom_ray.config import add_deprecated_alias
 
     p.add_argument("--input", required=True,
                    help="images: s3://bucket/prefix or a local directory (listed page by page, filtered by image "
@@ -34,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--image-column", default=None,
                    help="manifest column holding the image URI (default: the first of image_uri, uri, image, path, url, file)")
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--max-tokens", type=int, default=128, help="most tokens generated per image (vLLM/OpenAI's name)")
+    add_deprecated_alias(g, "--max-new-tokens", "--max-tokens", type=int)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -74,7 +76,7 @@ def config_from_args(args: argparse.Namespace):
 
     # the sampling seed is part of the recorded settings only when sampling (temperature > 0), so greedy
     # runs record the same settings however launched (CLI or Python API)
-    sampling = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
                 "top_k": args.top_k, "num_beams": args.num_beams,
                 "seed": args.seed if args.temperature > 0 else None, "stop": list(args.stop)}
     return CaptionConfig.from_dict(dict(
@@ -113,6 +115,6 @@ def register(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog="example (after `make quickstart`):\n  phantom-ray caption --input .phantom_ray_quickstart/"
                                      "caption-input --output /tmp/captions --model .phantom_ray_quickstart/step2-export "
-                                     "--max-new-tokens 8")
+                                     "--max-tokens 8")
     add_arguments(p)
     p.set_defaults(func=run)

@@ -67,7 +67,7 @@ class CaptionConfig(Config):
 
             data["model"] = resolve_path(model)  # a local checkpoint; presets and hub ids stay names
         if isinstance(data.get("sampling"), dict):
-            data["sampling"] = SamplingParams(**data["sampling"])
+            data["sampling"] = SamplingParams.from_dict(data["sampling"])
         return data
 
     @field_validator("batch_size", "shard_size", "min_replicas", "max_replicas", "io_threads", "list_page_size")

@@ -65,6 +65,17 @@ class _Progress:
             self.bar.close()
 
 
+def worker_job(cfg: CaptionConfig, engine: str) -> dict[str, Any]:
+    """What every :class:`~phantom_ray.caption.stage.ChunkCaptioner` gets (plain JSON-able values:
+    it crosses to the actors once, in their constructor); ``engine`` is the resolved backend."""
+    return {"output": cfg.output, "format": cfg.format, "model": cfg.model, "engine": engine,
+            "dtype": cfg.dtype, "seed": cfg.seed, "max_length": cfg.max_length,
+            "attn_implementation": cfg.attn_implementation, "io_threads": cfg.io_threads,
+            "sampling": cfg.sampling.to_dict(), "prompt": cfg.prompt, "prompt_column": cfg.prompt_column,
+            "batch_size": cfg.batch_size, "max_image_bytes": cfg.max_image_bytes, "max_pixels": cfg.max_pixels,
+            "record": {**cfg.job_record(), "engine": engine}}
+
+
 def run_caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Caption every row of ``cfg.input`` not yet in ``cfg.output``; returns (and writes) the summary.
     ``on_chunk(i)`` is called on the driver as each chunk's counts come back."""
@@ -101,12 +112,7 @@ def run_caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = Non
     if pending:
         init_ray(log_to_driver=False)
         num_gpus = resolve_num_gpus(cfg.num_gpus)
-        job = {"output": cfg.output, "format": cfg.format, "model": cfg.model, "engine": engine,
-               "dtype": cfg.dtype, "seed": cfg.seed, "max_length": cfg.max_length,
-               "attn_implementation": cfg.attn_implementation, "io_threads": cfg.io_threads,
-               "sampling": cfg.sampling.to_dict(), "prompt": cfg.prompt, "prompt_column": cfg.prompt_column,
-               "batch_size": cfg.batch_size, "max_image_bytes": cfg.max_image_bytes, "max_pixels": cfg.max_pixels,
-               "record": {**cfg.job_record(), "engine": engine}}
+        job = worker_job(cfg, engine)
         ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images, not blocks
         ds = ray.data.from_items([{"chunk": i} for i in pending], override_num_blocks=len(pending))
         # one torch thread per CPU the replica reserves, so replicas sharing a node do not oversubscribe it
@@ -119,6 +125,14 @@ def run_caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = Non
             runtime_env=storage.storage_runtime_env())  # S3 settings reach the actors through Ray
         todo_rows = plan["rows"] - already
         bar = _Progress(todo_rows, cfg.progress)
+        # Ray Data grows an actor pool only into resources the cluster has now: on an autoscaling
+        # cluster that starts without model nodes the pool would stay at min_replicas for good. So the
+        # pool's upper bound is asked of the cluster autoscaler up front (docs/scaling.md), and the
+        # request is withdrawn when the job ends, so that the nodes can idle out
+        from ray.autoscaler.sdk import request_resources
+
+        replica = {"CPU": cfg.num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        request_resources(bundles=[replica] * replicas[1])
         try:
             for r in ds.iter_rows():
                 if t_first is None:
@@ -134,6 +148,7 @@ def run_caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = Non
                 if on_chunk is not None:
                     on_chunk(int(r["chunk"]))
         finally:
+            request_resources(bundles=[])
             bar.close()
     wall = time.perf_counter() - t0
     startup = (t_first - t0) if t_first is not None else wall
@@ -185,4 +200,4 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 
-__all__ = ["run_caption", "check_job", "format_summary", "JOB_FILE", "SUMMARY_FILE"]
+__all__ = ["run_caption", "worker_job", "check_job", "format_summary", "JOB_FILE", "SUMMARY_FILE"]

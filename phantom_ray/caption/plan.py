@@ -94,10 +94,6 @@ def _manifest_batches(uri: str, batch_rows: int) -> Iterator[list[dict]]:
         yield rows
 
 
-def _manifest_base(uri: str) -> str:
-    return uri.rsplit("/", 1)[0] if storage.is_s3(uri) else os.path.dirname(uri)
-
-
 def _resolve_image(value: Any, base: str, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{where}: image URI must be a non-empty string, got {value!r}")
@@ -122,7 +118,7 @@ def iter_plan_rows(cfg: CaptionConfig, batch_rows: int) -> Iterator[list[dict]]:
         if rows:
             yield rows
         return
-    base = _manifest_base(uri)
+    base = storage.parent(uri)
     col = cfg.image_column
     offset = 0
     for rows in _manifest_batches(uri, batch_rows):

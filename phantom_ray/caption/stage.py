@@ -27,7 +27,9 @@ from typing import Any
 from phantom_ray import storage
 from phantom_ray.caption.config import ADDED_COLUMNS
 from phantom_ray.caption.plan import URI_COLUMN, chunk_uri, parquet_bytes, read_shard, shard_name, table_from_rows
-from phantom_ray.infer.api import SamplingParams
+from phantom_ray.errors import row_reason
+from phantom_ray.infer.api import Request, SamplingParams
+from phantom_ray.ingest import DEFAULT_LIMITS, ImageLimits, InputError, load_image
 
 METADATA_KEY = b"phantom_ray.caption"
 VLLM_IN_FLIGHT = 256         # requests in flight per chunk on the vllm engine (bounds images held open)
@@ -62,21 +64,6 @@ def _encode_shard(table, fmt: str) -> bytes:
 
 
 
-def _fetch_and_open(uri: str, limits):
-    """One row's image: read its bytes (local path or ``s3://``) and open them with the one
-    image-ingest function (``phantom_ray.ingest.open_image``: byte, pixel, aspect and format limits).
-    Raises ``phantom_ray.ingest.InputError`` (``FetchError`` / ``ImageError``) with a reason code."""
-    from phantom_ray.ingest import FetchError, open_image
-
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError as exc:
-        raise FetchError("not_found", f"cannot read {uri}: {exc}") from None
-    except OSError as exc:  # PermissionError, a directory, network
-        raise FetchError("fetch_failed", f"cannot read {uri}: {exc}") from None
-    return open_image(data, limits, what=uri)
-
-
 def load_caption_engine(model_id: str, backend: str, *, num_gpus: float, dtype: str, seed: int, max_length: int,
                         attn_implementation: str, batch_size: int):
     """The engine of one model replica: ``load_engine(model, backend=...)`` on this replica's device."""
@@ -104,14 +91,13 @@ class ChunkCaptioner:
     def __init__(self, job: dict, num_gpus: float = 0.0, torch_threads: int | None = None):
         import warnings
 
-        from phantom_ray.ingest import DEFAULT_LIMITS, ImageLimits
 
         if torch_threads:
             import torch
 
             torch.set_num_threads(torch_threads)
         self.job = job
-        self.sampling = SamplingParams(**{**job["sampling"], "stop": tuple(job["sampling"].get("stop", ()))})
+        self.sampling = SamplingParams.from_dict(job["sampling"])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the driver already warned about preset weights
             self.engine = load_caption_engine(job["model"], job["engine"], num_gpus=num_gpus, dtype=job["dtype"],
@@ -154,8 +140,8 @@ class ChunkCaptioner:
         added["prompt"] = [p if isinstance(p, str) else None for p in prompts]
         bs = job["batch_size"]
 
-        def load(j: int):
-            return _fetch_and_open(uris[j], self.limits)
+        def load(j: int):  # the one image-ingest function: read, then byte/pixel/aspect/format limits
+            return load_image(uris[j], None, self.limits)
 
         # images are fetched and opened on I/O threads ahead of the model
         futures: dict[int, Any] = {}
@@ -166,16 +152,14 @@ class ChunkCaptioner:
                 futures[j] = self.pool.submit(load, j)
             return max(submitted, min(n, k))
 
-        from phantom_ray.infer.api import Request
-        from phantom_ray.ingest import InputError
-
         def record(j: int, g) -> None:
             added["caption"][j] = g.text.strip() if g.text is not None else None  # the answer, unpadded
             added["prompt_tokens"][j] = g.prompt_tokens
             added["generated_tokens"][j] = g.completion_tokens
             added["finish_reason"][j] = g.finish_reason
             added["latency_s"][j] = g.latency_s
-            added["error"][j], added["error_detail"][j] = g.error, g.error_detail
+            added["error"][j] = row_reason(g.error) if g.error else None
+            added["error_detail"][j] = g.error_detail
 
         def request(j: int):
             """Row j's request, or None with its error recorded."""
@@ -183,7 +167,7 @@ class ChunkCaptioner:
             try:
                 img = futures.pop(j).result()
             except InputError as exc:
-                added["error"][j], added["error_detail"][j] = exc.reason, exc.detail
+                added["error"][j], added["error_detail"][j] = row_reason(exc.reason), exc.detail
                 return None
             if not prompt:
                 added["error"][j] = "missing_prompt"

@@ -9,6 +9,15 @@ Stages (one epoch)::
       -> ray.train.get_dataset_shard("train")                            streaming split: every row
       -> iter_train_batches: local shuffle buffer + processor.collate     goes to exactly one worker
 
+Reproducible: with ``deterministic`` (the default) two runs of the same config on the same number of
+workers see the same rows in the same order on the same worker. File order and mixture are seeded
+by (seed, epoch); Ray Data runs with ``preserve_order`` (:func:`ingest_options`), so read tasks,
+the preprocessing actor pool and the split between workers emit blocks in input order (the
+streaming split then hands each block to the worker with the fewest rows so far, and ignores
+locality hints: the assignment depends on the data alone, not on which worker asked first); each
+worker's local shuffle buffer is seeded by (seed, epoch, rank). The cost is some head-of-line
+waiting in the stream; ``deterministic: false`` trades reproducibility for it.
+
 Mixture: source ``s`` with ``n_s`` rows and weight ``w_s`` contributes
 ``epoch_samples * w_s / sum(w)`` rows per epoch: each row is kept ``floor(r_s)`` times plus once
 more with probability ``frac(r_s)`` (``r_s = target_s / n_s``), decided by a hash of
@@ -61,6 +70,8 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True                         # file order + local buffer, seeded by (seed, epoch)
     shuffle_buffer_size: int = 256               # rows in each worker's local shuffle buffer
+    deterministic: bool = True                   # same rows, same order, same worker every run (Ray Data
+                                                 # preserve_order); false: a little faster, order varies
     batch_size: int = 8                          # per worker
     drop_last: bool = False
     num_preprocess_tasks: int = 2                # actors running decode + tile + tokenize
@@ -212,6 +223,16 @@ def read_packed(cfg: DataConfig, epoch: int = 0):
     ds = ray.data.read_parquet(paths, filesystem=fs, num_cpus=cfg.read_num_cpus)
     return ds.map_batches(_select, batch_format="pyarrow", num_cpus=cfg.read_num_cpus, fn_kwargs={
         "ratios": ratios, "kinds": TASK_KINDS[cfg.task], "seed": cfg.seed, "epoch": epoch})
+
+
+def ingest_options(cfg: DataConfig):
+    """Ray Data execution options for the training datasets (``ray.train.DataConfig(execution_options=...)``):
+    the driver's defaults, with ``preserve_order`` when ``cfg.deterministic``."""
+    from ray.train import DataConfig as TrainDataConfig
+
+    opts = TrainDataConfig.default_ingest_options()
+    opts.preserve_order = bool(cfg.deterministic)
+    return opts
 
 
 # ---- per-row processing --------------------------------------------------------------------------

@@ -25,7 +25,6 @@ read as one source. Parsing never raises for a bad record: it returns a RawRecor
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 
 from phantom_ray import storage
@@ -81,7 +80,7 @@ def default_image_root(input_uri: str) -> str:
     """Images are relative to the directory holding the annotation file (or the input dir)."""
     uri = str(input_uri).rstrip("/")
     if storage.list_files(uri) == [uri]:  # a single file
-        return uri.rsplit("/", 1)[0] if storage.is_s3(uri) else os.path.dirname(os.path.abspath(uri))
+        return storage.parent(uri)
     return uri
 
 

@@ -27,7 +27,6 @@ its input file), ``reason`` (one of :data:`ERROR_REASONS`) and ``detail`` (human
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -36,20 +35,10 @@ import pyarrow as pa
 
 KINDS = ("sft", "text", "triple")
 
-ERROR_REASONS = (
-    "missing_image",         # image path in the record does not exist under the image root
-    "image_outside_root",    # image path resolves outside --image-root ('..', absolute, symlink, other bucket)
-    "unreadable_image",      # the image file/object exists but cannot be read
-    "undecodable_image",     # bytes are not an image PIL can decode (random, truncated, SVG/text, ...)
-    "empty_image",           # 0 bytes or a zero-sized canvas
-    "image_too_large",       # encoded bytes over the ingest limit
-    "too_many_pixels",       # declared width x height over the ingest limit (decompression bombs)
-    "bad_aspect_ratio",      # over the ingest aspect-ratio limit (200:1)
-    "unsupported_format",    # an image format we do not accept (EPS, PDF, ...)
-    "malformed_conversation",  # turns missing, wrong roles/order, non-string content
-    "empty_answer",          # an assistant turn / chosen / rejected answer is empty
-    "malformed_record",      # not a JSON object, unparseable line, several images, missing fields
-)
+# the reasons pack's errors table records (meanings: the one table, phantom_ray.errors.REASONS)
+ERROR_REASONS = ("missing_image", "image_outside_root", "unreadable_image", "undecodable_image", "empty_image",
+                 "image_too_large", "too_many_pixels", "bad_aspect_ratio", "unsupported_format",
+                 "malformed_conversation", "empty_answer", "malformed_record")
 
 PACKED_SCHEMA = pa.schema([
     ("sample_id", pa.string()),
@@ -147,13 +136,11 @@ def check_image(data: bytes) -> None:
         raise RowError(exc.reason, exc.message) from None
 
 
-_FETCH_TO_ROW = {"source_not_allowed": "image_outside_root", "not_found": "missing_image",
-                 "source_too_large": "image_too_large"}
-
-
 def row_error_from_fetch(exc) -> "RowError":
-    """A :class:`phantom_ray.ingest.FetchError` as the error row's reason."""
-    return RowError(_FETCH_TO_ROW.get(exc.reason, "unreadable_image"), exc.message)
+    """A :class:`phantom_ray.ingest.FetchError` as the error row's reason (:func:`phantom_ray.errors.row_reason`)."""
+    from phantom_ray.errors import row_reason
+
+    return RowError(row_reason(exc.reason), exc.message)
 
 
 @dataclass

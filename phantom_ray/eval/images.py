@@ -1,8 +1,8 @@
-"""Image references of eval items -> PIL images (local path, s3:// URI or encoded bytes).
+"""Image references of eval items (local path, s3:// URI or encoded bytes) -> bytes or images.
 
-Bytes become images through :func:`phantom_ray.ingest.open_image`, with the same limits as pack,
-caption and serve: a benchmark image that serving would refuse is refused here too, with the same
-reason (:class:`phantom_ray.ingest.ImageError`).
+Images are opened by the one ingest function (:func:`phantom_ray.ingest.load_image`), with the same
+limits as pack, caption and serve: a benchmark image that serving would refuse is refused here too,
+with the same reason (:class:`phantom_ray.ingest.ImageError`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import base64
 import binascii
 from typing import Any
 
-from phantom_ray import storage
-from phantom_ray.ingest import DEFAULT_LIMITS, ImageLimits, open_image
+from phantom_ray.ingest import load_image, read_uri
 
 
 def image_bytes(ref: Any) -> bytes:
@@ -20,14 +19,8 @@ def image_bytes(ref: Any) -> bytes:
     if isinstance(ref, (bytes, bytearray, memoryview)):
         return bytes(ref)
     if isinstance(ref, str):
-        return storage.read_bytes(ref)
+        return read_uri(ref)
     raise TypeError(f"image reference must be a URI string or bytes, got {type(ref).__name__}")
-
-
-def load_image(ref: Any, limits: ImageLimits = DEFAULT_LIMITS):
-    """One RGB PIL image (EXIF-transposed, first frame, alpha over white), or ImageError."""
-    what = ref if isinstance(ref, str) else "image"
-    return open_image(image_bytes(ref), limits, what=what)
 
 
 def concat_horizontally(images: list, margin: int = 10):

@@ -101,7 +101,7 @@ class EvalItem:
 
     ``images`` holds, per image, either a URI (local path or ``s3://``) or the encoded file bytes
     (benchmarks that ship images inside parquet/TSV). Several images (BLINK, MM-Vet-v2) are
-    concatenated side by side by the original before tiling; :func:`phantom_ray.eval.images.load_image`
+    concatenated side by side by the original before tiling; :func:`phantom_ray.ingest.load_image`
     and ``concat_horizontally`` reproduce that.
     """
 

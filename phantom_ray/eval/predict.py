@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 def _item_image_bytes(refs: list) -> bytes | None:
     """One image for an eval item: the file bytes as is, several concatenated (original harness) as PNG."""
-    from phantom_ray.eval.images import concat_horizontally, image_bytes, load_image
+    from phantom_ray.eval.images import concat_horizontally, image_bytes
+    from phantom_ray.ingest import load_image
 
     if not refs:
         return None
@@ -80,7 +81,7 @@ def make_predict_fn(model: str, num_beams: int = 1, batch_size: int = 8, *, engi
 
     def predict_ray(items: list) -> list[str]:
         rows = [{"key": str(i), "shard": None, "uri": None, "image": _item_image_bytes(it.images),
-                 "prompt": it.user_text(), "max_new_tokens": int(it.max_new_tokens)} for i, it in enumerate(items)]
+                 "prompt": it.user_text(), "max_tokens": int(it.max_new_tokens)} for i, it in enumerate(items)]
         got: dict[int, str] = {}
         for batch in build_generation_dataset(rows, opts).iter_batches(batch_format="pyarrow", batch_size=None):
             for r in batch.to_pylist():

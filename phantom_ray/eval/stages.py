@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 from phantom_ray import storage
 from phantom_ray.caption.stage import actor_pool
-from phantom_ray.errors import clean_detail
+from phantom_ray.errors import clean_detail, row_reason
 from phantom_ray.infer.api import Generation, SamplingParams
 
-DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 DECODE_MEMORY_BYTES = 512 * 1024 * 1024  # reserved per decode task (an 8K x 8K RGB image is 200 MB decoded)
 VLLM_MIN_BATCH = 64          # rows per vllm actor call (each row a request submitted at once)
 VLLM_BATCHES_PER_ACTOR = 4   # calls one vllm actor works on at once: 256 requests in flight
@@ -33,33 +32,31 @@ def _decoded_schema():
     import pyarrow as pa
 
     return pa.schema([
-        ("key", pa.string()), ("shard", pa.string()), ("max_new_tokens", pa.int32()),
+        ("key", pa.string()), ("shard", pa.string()), ("max_tokens", pa.int32()),
         ("input_ids", pa.list_(pa.int32())), ("pixel_values", pa.binary()), ("pixel_shape", pa.list_(pa.int32())),
         ("num_tiles", pa.int32()), ("error", pa.string()), ("error_detail", pa.string()),
     ])
 
 
-def _read_image(row: dict, max_image_bytes: int) -> bytes | None:
-    from phantom_ray.processing import ImageError
+def _read_image(row: dict, max_image_bytes: int | None) -> bytes | None:
+    """One row's encoded image: its bytes as given, or read from its URI (:func:`phantom_ray.ingest.read_uri`);
+    more than ``max_image_bytes`` (None: the ingest limit) is an ``image_too_large`` ImageError."""
+    from phantom_ray.ingest import DEFAULT_MAX_BYTES, ImageError, read_uri
 
     if row.get("image") is not None:
         data = bytes(row["image"])
     elif row.get("uri"):
-        uri = row["uri"]
-        try:
-            data = storage.read_bytes(uri)
-        except OSError as exc:  # FileNotFoundError, PermissionError, network
-            raise ImageError("unreadable_image", f"cannot read {uri}: {exc}") from exc
+        data = read_uri(row["uri"])
     else:
         return None
-    if len(data) > max_image_bytes:
-        raise ImageError("image_too_large", f"{row.get('uri') or 'image'} is {len(data)} bytes, over "
-                                            f"--max-image-bytes {max_image_bytes}")
+    limit = max_image_bytes or DEFAULT_MAX_BYTES
+    if len(data) > limit:
+        raise ImageError("image_too_large", f"{row.get('uri') or 'image'} is {len(data)} bytes, over the limit of {limit}")
     return data
 
 
-def decode_batch(batch, model_id: str, max_length: int, max_pixels: int | None, max_image_bytes: int):
-    """Rows (key, shard, uri | image bytes, prompt, max_new_tokens) -> tokenized prompts and
+def decode_batch(batch, model_id: str, max_length: int, max_pixels: int | None, max_image_bytes: int | None):
+    """Rows (key, shard, uri | image bytes, prompt, max_tokens) -> tokenized prompts and
     float32 pixel values; a bad image or prompt becomes a row with ``error`` set."""
     import pyarrow as pa
 
@@ -69,14 +66,14 @@ def decode_batch(batch, model_id: str, max_length: int, max_pixels: int | None, 
     processor = load_processor(model_id, max_length, max_pixels)
     out = []
     for row in batch.to_pylist():
-        rec = {"key": row["key"], "shard": row.get("shard"), "max_new_tokens": row.get("max_new_tokens"),
+        rec = {"key": row["key"], "shard": row.get("shard"), "max_tokens": row.get("max_tokens"),
                "input_ids": None, "pixel_values": None, "pixel_shape": None, "num_tiles": 0,
                "error": None, "error_detail": None}
         try:
             data = _read_image(row, max_image_bytes)
             sample = processor.encode_prompt(row["prompt"], images=data)
         except ProcessingError as exc:
-            rec["error"], rec["error_detail"] = exc.reason, clean_detail(str(exc))
+            rec["error"], rec["error_detail"] = row_reason(exc.reason), clean_detail(str(exc))
         else:
             rec["input_ids"] = sample.input_ids.tolist()
             rec["num_tiles"] = sum(sample.num_tiles)
@@ -93,7 +90,7 @@ def _caption_schema():
 
     return pa.schema([
         ("key", pa.string()), ("shard", pa.string()), ("caption", pa.string()), ("num_tiles", pa.int32()),
-        ("tokens_generated", pa.int32()), ("finish_reason", pa.string()), ("error", pa.string()),
+        ("generated_tokens", pa.int32()), ("finish_reason", pa.string()), ("error", pa.string()),
         ("error_detail", pa.string()),
     ])
 
@@ -117,7 +114,7 @@ class Captioner:
             warnings.simplefilter("ignore", UserWarning)  # the driver already warned about preset weights
             self.engine = load_engine(model_id, backend="torch", device=default_device(num_gpus), dtype=dtype,
                                       attn_implementation=attn_implementation, seed=seed, max_length=max_length)
-        self.generation = SamplingParams(**generation)
+        self.generation = SamplingParams.from_dict(generation)
         self.batch_size = batch_size
 
     def __call__(self, batch):
@@ -133,7 +130,7 @@ class Captioner:
                 results[i] = Generation(text=None, num_tiles=r["num_tiles"] or 0, error=r["error"],
                                         error_detail=r["error_detail"])
             else:
-                by_len[r["max_new_tokens"] or self.generation.max_tokens].append(i)
+                by_len[r["max_tokens"] or self.generation.max_tokens].append(i)
         for max_new, idx in by_len.items():
             samples = []
             for i in idx:
@@ -146,7 +143,7 @@ class Captioner:
                 results[i] = g
         # a caption is the answer without surrounding whitespace
         out = [{"key": r["key"], "shard": r["shard"], "caption": g.text.strip() if g.text is not None else None,
-                "num_tiles": g.num_tiles, "tokens_generated": g.completion_tokens, "finish_reason": g.finish_reason, "error": g.error,
+                "num_tiles": g.num_tiles, "generated_tokens": g.completion_tokens, "finish_reason": g.finish_reason, "error": g.error,
                 "error_detail": g.error_detail} for r, g in zip(rows, results)]
         return pa.Table.from_pylist(out, schema=_caption_schema())
 
@@ -160,7 +157,7 @@ class VLLMCaptioner:
 
     def __init__(self, model_id: str, generation: dict, batch_size: int, dtype: str = "auto", seed: int = 0,
                  max_length: int = 4096, max_pixels: int | None = None,
-                 max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, num_gpus: float = 0.0):
+                 max_image_bytes: int | None = None, num_gpus: float = 0.0):
         import warnings
 
         from phantom_ray.infer.api import load_engine
@@ -171,7 +168,7 @@ class VLLMCaptioner:
             self.engine = load_engine(model_id, backend="vllm", device=default_device(num_gpus), dtype=dtype,
                                       seed=seed, max_length=max_length, max_pixels=max_pixels,
                                       max_batch_size=batch_size)
-        self.generation = SamplingParams(**{**generation, "stop": tuple(generation.get("stop", ()))})
+        self.generation = SamplingParams.from_dict(generation)
         self.max_image_bytes = max_image_bytes
 
     def __call__(self, batch):
@@ -187,16 +184,16 @@ class VLLMCaptioner:
             try:
                 data = _read_image(r, self.max_image_bytes)
             except ProcessingError as exc:
-                results[i] = Generation(text=None, error=exc.reason, error_detail=clean_detail(str(exc)))
+                results[i] = Generation(text=None, error=row_reason(exc.reason), error_detail=clean_detail(str(exc)))
                 continue
-            params = self.generation.replace(max_tokens=r.get("max_new_tokens") or self.generation.max_tokens)
+            params = self.generation.replace(max_tokens=r.get("max_tokens") or self.generation.max_tokens)
             reqs.append(Request.user(r["prompt"], images=[data] if data is not None else [], params=params,
                                      key=r["key"]))
             idx.append(i)
         for i, fut in zip(idx, [self.engine.submit(r) for r in reqs]):
             results[i] = fut.result()
         out = [{"key": r["key"], "shard": r.get("shard"), "caption": g.text.strip() if g.text is not None else None,
-                "num_tiles": g.num_tiles, "tokens_generated": g.completion_tokens, "finish_reason": g.finish_reason,
+                "num_tiles": g.num_tiles, "generated_tokens": g.completion_tokens, "finish_reason": g.finish_reason,
                 "error": g.error, "error_detail": g.error_detail} for r, g in zip(rows, results)]
         return pa.Table.from_pylist(out, schema=_caption_schema())
 
@@ -216,7 +213,7 @@ class StageOptions:
     decode_num_cpus: float = 1.0
     decode_concurrency: int | None = None
     max_pixels: int | None = None
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_bytes: int | None = None  # None: the ingest limit (phantom_ray.ingest.ImageLimits)
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     seed: int = 0
@@ -226,7 +223,7 @@ class StageOptions:
 
 
 def build_generation_dataset(rows: list[dict], opts: StageOptions):
-    """rows (key, shard, uri | image, prompt, max_new_tokens) -> Ray Dataset of generation rows."""
+    """rows (key, shard, uri | image, prompt, max_tokens) -> Ray Dataset of generation rows."""
     import ray
     from ray.data import ActorPoolStrategy
 

@@ -2,8 +2,8 @@
 ``ask`` and the quickstart hold. Backends: ``torch`` (our model, the numerical reference) and
 ``vllm`` (Phantom as a vLLM model, the production engine). Pick one with :func:`load_engine`.
 
-A request carries a chat (messages whose text holds ``<image>`` placeholders), its images (already
-opened by the one image-ingest function) and one :class:`SamplingParams`: the same settings type
+A request carries a chat (messages whose text holds ``<image>`` placeholders), its images (encoded
+bytes, opened by the processor through the one image-ingest function) and one :class:`SamplingParams`: the same settings type
 for batch captioning and online serving. Results come back whole (:meth:`Engine.generate`, for a
 batch) or as events (:meth:`Engine.stream`, for one online request).
 
@@ -62,9 +62,17 @@ class SamplingParams:
         return int.from_bytes(hashlib.sha256(f"{base}\0{key}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able settings (``stop`` a list): how they cross a process boundary and are recorded."""
         d = asdict(self)
         d["stop"] = list(self.stop)
         return d
+
+    @classmethod
+    def from_dict(cls, d: "dict[str, Any] | SamplingParams") -> "SamplingParams":
+        """The inverse of :meth:`to_dict` (an instance passes through): the one way back from a dict."""
+        if isinstance(d, cls):
+            return d
+        return cls(**{**d, "stop": tuple(d.get("stop") or ())})
 
     def replace(self, **changes) -> "SamplingParams":
         return replace(self, **changes)
@@ -75,7 +83,9 @@ class Request:
     """One generation request: a chat with ``<image>`` placeholders and its images, in order."""
 
     messages: list[dict]                      # [{"role": "user"|"assistant", "content": str}]
-    images: list[Any] = field(default_factory=list)  # PIL images from the image-ingest function
+    # encoded image bytes (what serving, captioning and eval pass), or PIL images / local paths from the
+    # Python API; the processor opens them through the one image-ingest function (phantom_ray.ingest)
+    images: list[Any] = field(default_factory=list)
     params: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = None                 # None: the family's default system prompt
     key: str = ""                             # names the request: seeds sampling, labels errors

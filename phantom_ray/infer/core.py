@@ -155,7 +155,7 @@ def error_generation(exc: Exception, num_tiles: int = 0) -> Generation:
 def error_event(exc: Exception) -> Event:
     """The streamed error of a request its processor rejected (HTTP status from the one table)."""
     from phantom_ray.errors import http_error
-    from phantom_ray.processing import ImageError
+    from phantom_ray.ingest import ImageError  # the same class processing raises
 
     status, code = http_error(getattr(exc, "reason", None) or type(exc).__name__)
     kind = "image" if isinstance(exc, ImageError) else "request"

@@ -38,7 +38,7 @@ INIT_EXAMPLE = ("phantom-ray model init --size phantom-0.5b --source OpenGVLab/I
 
 
 def _init(args: argparse.Namespace) -> int:
-    from phantom_ray.model.convert import init_checkpoint
+    from phantom_ray.convert import init_checkpoint
 
     res = init_checkpoint(args.size, args.output, source=args.source, vision=args.vision, llm=args.llm,
                           seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,
@@ -69,7 +69,8 @@ def add_init_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh phantom modules (and projector)")
     p.add_argument("--dtype", default="source", choices=("source", "float32", "bfloat16", "float16"),
                    help="dtype of the written tensors (default: as the source stores them)")
-    p.add_argument("--max-shard-gb", type=float, default=4.0, help="safetensors shard size")
+    p.add_argument("--max-shard-gb", type=float, default=2.0,
+                   help="safetensors shard size; the writer holds one shard's bytes next to the model")
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already at --output")
     add_verbose_flag(p)
     p.set_defaults(func=_init)

@@ -151,6 +151,8 @@ class LLMConfig:
             d.setdefault("rope_theta", rp.get("rope_theta", 10000.0))
             if rp.get("rope_type", "default") != "default":
                 d.setdefault("rope_scaling", {k: v for k, v in rp.items() if k != "rope_theta"})
+        if d.get("use_sliding_window") is False:  # Qwen2 configs list a window they do not use
+            d["sliding_window"] = None
         if family == "internlm2" and "bias" in d:
             d["attention_bias"] = d.pop("bias")
         if family == "phi3":

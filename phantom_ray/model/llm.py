@@ -157,6 +157,21 @@ class DecoderModel(nn.Module):
         return getattr(self, self._embed_name)
 
 
+class LMHead(nn.Linear):
+    """The LM head: an ``nn.Linear`` whose forward can also run a caller's function of its weight.
+
+    ``head(h, fused=fn)`` returns ``fn(h, head.weight)`` from inside this module's own forward, so
+    that whatever wraps modules with hooks sees the weight used where it belongs: under DeepSpeed
+    ZeRO-3 the partitioned weight is gathered for ``fn`` (and again for its backward) exactly as for
+    a plain ``head(h)``. The training loss uses it for the chunked fused head + log-softmax
+    (``phantom_ray.train.loss``) that never forms the (tokens x vocab) logits."""
+
+    def forward(self, x: torch.Tensor, fused=None) -> torch.Tensor:
+        if fused is not None:
+            return fused(x, self.weight)
+        return super().forward(x)
+
+
 class PhantomLanguageModel(nn.Module):
     """``language_model``: the decoder plus the LM head (``lm_head`` or InternLM2's ``output``)."""
 
@@ -165,12 +180,12 @@ class PhantomLanguageModel(nn.Module):
         self.config = cfg
         self.model = DecoderModel(cfg, eta)
         self._head_name = FAMILY_LAYOUT[cfg.family][8]
-        setattr(self, self._head_name, nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False))
+        setattr(self, self._head_name, LMHead(cfg.hidden_size, cfg.vocab_size, bias=False))
         if cfg.tie_word_embeddings:
             self.head.weight = self.model.embed.weight
 
     @property
-    def head(self) -> nn.Linear:
+    def head(self) -> LMHead:
         return getattr(self, self._head_name)
 
     def attention_modules(self) -> list[_PhantomAttention]:

@@ -38,6 +38,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("PHANTOM_RAY_CACHE", Path.home() / ".cache" / "phantom_ray"))
 
 
+def is_hub_id(model_id: str) -> bool:
+    """True for a Hugging Face hub id (``org/name``) that is not a local path: the one hub-id guess
+    (the checkpoint and the tokenizer resolve a model id the same way)."""
+    s = str(model_id)
+    return (not s.startswith("s3://") and s.count("/") == 1 and not s.startswith((".", "/", "~"))
+            and not os.path.exists(os.path.expanduser(s)))
+
+
 def resolve_checkpoint(path_or_uri: str) -> Path:
     """Local directory for a local path, an ``s3://`` prefix (downloaded once) or a hub id."""
     if str(path_or_uri).startswith("s3://"):
@@ -68,7 +76,7 @@ def resolve_checkpoint(path_or_uri: str) -> Path:
         return p
     if p.exists():
         raise NotADirectoryError(f"{p} is a file; a checkpoint is a directory with config.json")
-    if str(path_or_uri).count("/") == 1 and not str(path_or_uri).startswith((".", "/")):
+    if is_hub_id(str(path_or_uri)):
         try:
             from huggingface_hub import snapshot_download
 
@@ -79,7 +87,7 @@ def resolve_checkpoint(path_or_uri: str) -> Path:
     raise FileNotFoundError(f"checkpoint {path_or_uri!r} is neither a local directory, an s3:// URI nor a hub id")
 
 
-def _remap_key(key: str) -> str:
+def remap_key(key: str) -> str:
     # defensive: InternVL names the projector mlp1 (docs/phantom.md#checkpoint-keys)
     return "vision_proj." + key[len("mlp1."):] if key.startswith("mlp1.") else key
 
@@ -97,11 +105,11 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     for f in files:
         for k, v in load_file(str(directory / f)).items():
-            sd[_remap_key(k)] = v
+            sd[remap_key(k)] = v
     return sd
 
 
-def _expected_keys(model) -> set[str]:
+def expected_keys(model) -> set[str]:
     keys = set(model.state_dict().keys())
     if model.config.llm_config.tie_word_embeddings:
         keys.discard(f"language_model.{model.language_model._head_name}.weight")
@@ -109,7 +117,7 @@ def _expected_keys(model) -> set[str]:
 
 
 def check_keys(model, keys: set[str]) -> None:
-    expected = _expected_keys(model)
+    expected = expected_keys(model)
     missing, unexpected = sorted(expected - keys), sorted(keys - expected)
     if missing or unexpected:
         def show(ks):
@@ -124,9 +132,16 @@ def check_keys(model, keys: set[str]) -> None:
 
 
 def from_pretrained(path_or_uri: str, dtype: torch.dtype | str | None = None, attn_implementation: str | None = "sdpa",
-                    device: str | torch.device = "cpu", load_in_8bit: bool = False, **config_overrides):
+                    device: str | torch.device = "cpu", load_in_8bit: bool = False, adapter: str = "merge",
+                    **config_overrides):
+    """``adapter``: a LoRA adapter saved next to the weights (an unmerged training export,
+    :mod:`phantom_ray.model.adapters`) is merged into them (``"merge"``, the default: the model as
+    trained), or left out on purpose (``"skip"``: the base weights, e.g. for peft to wrap)."""
+    from phantom_ray.model.adapters import has_adapter, merge_adapter_into
     from phantom_ray.model.modeling import PhantomForCausalLM
 
+    if adapter not in ("merge", "skip"):
+        raise ValueError(f"adapter={adapter!r}: expected 'merge' or 'skip'")
     directory = resolve_checkpoint(str(path_or_uri))
     config = PhantomConfig.from_json_file(directory / "config.json")
     for k, v in config_overrides.items():
@@ -137,6 +152,8 @@ def from_pretrained(path_or_uri: str, dtype: torch.dtype | str | None = None, at
         model = PhantomForCausalLM(config, attn_implementation=attn_implementation)
     sd = read_state_dict(directory)
     check_keys(model, set(sd))
+    if adapter == "merge" and has_adapter(directory):
+        merge_adapter_into(sd, directory)  # in the checkpoint's dtype (fp32 exports), before any cast
     for k, v in sd.items():
         if dtype is not None and v.is_floating_point():
             sd[k] = v.to(dtype)
@@ -170,7 +187,7 @@ def save_pretrained(model, directory: str, max_shard_bytes: int = 4 * 1024**3, e
         return
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in _expected_keys(model)}
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k in expected_keys(model)}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for k in sorted(sd):

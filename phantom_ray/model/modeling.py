@@ -73,12 +73,14 @@ class PhantomForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_uri: str, dtype=None, attn_implementation: str | None = "sdpa",
-                        device="cpu", load_in_8bit: bool = False, **config_overrides) -> "PhantomForCausalLM":
-        """Load a checkpoint (HF layout) from a local directory, ``s3://bucket/prefix`` or a hub id."""
+                        device="cpu", load_in_8bit: bool = False, adapter: str = "merge",
+                        **config_overrides) -> "PhantomForCausalLM":
+        """Load a checkpoint (HF layout) from a local directory, ``s3://bucket/prefix`` or a hub id.
+        A LoRA adapter saved next to it (peft layout) is merged in; ``adapter="skip"`` leaves it out."""
         from phantom_ray.model.loading import from_pretrained
 
         return from_pretrained(path_or_uri, dtype=dtype, attn_implementation=attn_implementation, device=device,
-                               load_in_8bit=load_in_8bit, **config_overrides)
+                               load_in_8bit=load_in_8bit, adapter=adapter, **config_overrides)
 
     def save_pretrained(self, directory: str, max_shard_bytes: int = 4 * 1024**3, extra_files=None) -> None:
         """Write config.json + safetensors shards to a local directory or an ``s3://`` prefix."""

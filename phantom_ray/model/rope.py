@@ -21,7 +21,7 @@ import torch
 from phantom_ray.model.config import LLMConfig
 
 
-def _rope_kind(cfg: LLMConfig) -> str:
+def rope_kind(cfg: LLMConfig) -> str:
     if not cfg.rope_scaling:
         return "default"
     kind = cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type", "default"))
@@ -40,7 +40,7 @@ def rope_cos_sin(cfg: LLMConfig, position_ids: torch.Tensor, dtype: torch.dtype,
     pos = position_ids.to(torch.float32)  # (B, L)
     exponent = torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim  # (D/2,)
     base = torch.full((pos.shape[0], 1), float(cfg.rope_theta), device=device)  # (B, 1)
-    kind = _rope_kind(cfg)
+    kind = rope_kind(cfg)
     scale = 1.0
     if seq_len is None:
         seq_len = pos.amax(dim=1, keepdim=True) + 1  # (B, 1): per-row length seen by this call

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from phantom_ray.model.config import TINY_SPECIAL_TOKENS, PhantomConfig
-from phantom_ray.model.loading import cache_root  # the one cache root for every download
+from phantom_ray.model.loading import cache_root, is_hub_id  # one cache root, one hub-id guess
 
 TINY_VOCAB_SIZE = 384
 END_TOKENS = {"chatml": "<|im_end|>", "phi3": "<|end|>"}
@@ -355,8 +355,8 @@ def load_tokenizer(path_or_preset: str, config: PhantomConfig | None = None):
         tok = build_tiny_tokenizer(config.template)
     else:
         d = _download_s3_dir(src) if src.startswith("s3://") else Path(src).expanduser()
-        if not d.exists() and src.count("/") == 1 and not src.startswith((".", "/", "~")):
-            d = _download_hub(src)  # "org/name" that is not a local path
+        if is_hub_id(src):
+            d = _download_hub(src)
         if not d.is_dir():
             raise FileNotFoundError(
                 f"tokenizer source {src!r} is neither a tiny-* preset nor a directory with tokenizer files"

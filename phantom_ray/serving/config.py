@@ -100,8 +100,10 @@ class ModelSpec(Config):
     def _check_consistency(self) -> "ModelSpec":
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError(f"model {self.name!r}: set num_replicas or autoscaling_config, not both")
-        if self.engine == "vllm" and {"max_batch_size", "batch_wait_timeout_s"} & self.model_fields_set:
-            given = sorted({"max_batch_size", "batch_wait_timeout_s"} & self.model_fields_set)
+        # set to anything but their defaults (a replica re-validates the full dump of its spec)
+        given = [f for f in ("max_batch_size", "batch_wait_timeout_s")
+                 if getattr(self, f) != type(self).model_fields[f].default]
+        if self.engine == "vllm" and given:
             raise ValueError(f"model {self.name!r}: {', '.join(given)} only apply to engine torch (its dynamic "
                              f"batching); the vllm engine batches continuously: set max_num_seqs / "
                              f"max_num_batched_tokens (None: vLLM's defaults for the device)")

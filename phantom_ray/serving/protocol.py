@@ -26,6 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from phantom_ray.errors import REASONS
 from phantom_ray.ingest import FetchError, FetchPolicy, ImageError, ImageLimits, fetch_bytes, open_image
 from phantom_ray.processing.processor import IMAGE_PLACEHOLDER
 
@@ -272,17 +273,6 @@ class ImagePolicy:
         return self.limits.max_bytes
 
 
-_FETCH_STATUS = {
-    "source_not_allowed": (400, "image_url_not_allowed"),
-    "address_not_allowed": (400, "image_url_not_allowed"),
-    "bad_source": (400, "invalid_image_url"),
-    "invalid_base64": (400, "invalid_base64"),
-    "not_found": (400, "image_fetch_failed"),
-    "fetch_failed": (400, "image_fetch_failed"),
-    "source_too_large": (413, "image_too_large"),
-}
-
-
 def _check_image(data: bytes, limits: ImageLimits) -> None:
     open_image(data, limits)  # the full decode the replica will do: refuse here, with a 4xx
 
@@ -296,7 +286,8 @@ async def load_image_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
             data = await asyncio.to_thread(fetch_bytes, url, policy.fetch)
         await asyncio.to_thread(_check_image, data, policy.limits)
     except FetchError as exc:
-        status, code = _FETCH_STATUS.get(exc.reason, (400, "image_fetch_failed"))
+        reason = REASONS.get(exc.reason)
+        status, code = (reason.status, reason.http_code) if reason else (400, "image_fetch_failed")
         if code == "image_url_not_allowed":
             allowed = ", ".join(policy.fetch.allowed_urls) or "none configured"
             msg = f"{param}: {exc.message} (image URLs must be data: URIs or under an allowed prefix: {allowed})"
@@ -304,9 +295,9 @@ async def load_image_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
             msg = f"{param}: {exc.message}"
         raise APIError(status, msg, code, param) from None
     except ImageError as exc:
-        big = exc.reason in ("image_too_large", "too_many_pixels")
-        raise APIError(413 if big else 400, f"{param}: {exc.reason}: {exc.message}",
-                       "image_too_large" if big else "invalid_image", param) from None
+        reason = REASONS.get(exc.reason)
+        status, code = (reason.status, reason.http_code) if reason else (400, "invalid_image")
+        raise APIError(status, f"{param}: {exc.reason}: {exc.message}", code, param) from None
     return data
 
 

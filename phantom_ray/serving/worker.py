@@ -3,8 +3,8 @@
 ``ModelWorker`` is what each Serve model deployment wraps (``phantom_ray.serving.app``); tests and
 ``bench/`` can also drive it in-process. It holds one :class:`phantom_ray.infer.api.Engine`
 (``load_engine(spec.checkpoint, backend=spec.engine, ...)``), which batches concurrent requests.
-Its input is the normalised request that the HTTP front builds
-(``phantom_ray.serving.protocol.GenerationPayload`` as a dict):
+Its input is the normalised request that the HTTP front builds (the dict
+:func:`phantom_ray.serving.protocol.to_payload` returns):
 
     {"messages": [{"role": "user"|"assistant", "content": "text with <image> placeholders"}],
      "system": str | None, "images": [encoded image bytes, one per placeholder],

@@ -58,6 +58,8 @@ class LossSection(Config):
     sft_weight: float = Field(1.0, ge=0)      # weight of the SFT term on the chosen answer
     reference: str | None = None              # dpo: reference model (checkpoint / preset); default model.init_from
     chunk_tokens: int = Field(256, ge=1)      # answer tokens per chunk of the fused head + log-softmax
+    fused_head: bool = True                   # the LM head applied inside the chunked loss (no logits tensor, any
+                                              # ZeRO stage); false: the model returns logits and the loss chunks those
 
 
 class LoraSection(Config):

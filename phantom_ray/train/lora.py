@@ -1,19 +1,21 @@
 """LoRA for step 2 (``recipe.lora``): peft adapters on the LLM linears (and optionally the vision
 tower's), phantom modules and ``vision_proj`` fully trainable next to them; export either merged
 into full weights (``merge_on_export: true``) or as base weights plus, in the same directory,
-peft's ``adapter_config.json`` + ``adapter_model.safetensors`` (reloaded by :func:`load_with_adapter`).
+peft's standard ``adapter_config.json`` + ``adapter_model.safetensors`` (see
+:mod:`phantom_ray.model.adapters`: every loader merges it at load time; :func:`load_with_adapter`
+keeps it as peft modules).
 
 peft is the ``lora`` extra (``pip install 'phantom-ray[lora]'``); it is imported only when LoRA is on.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import re
 
-import torch
+from phantom_ray.model.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS  # noqa: F401 (re-exported)
 
 VISION_TARGETS = ["qkv", "proj", "fc1", "fc2"]  # InternViT attention and MLP linears
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 def _peft():
@@ -40,14 +42,17 @@ def wrap_lora(model, lc) -> None:
 
 
 def merged_state_dict(model, sd: dict) -> dict:
-    """Full weights with every adapter merged: W + scaling * B @ A; adapter keys dropped."""
+    """Full weights with every adapter merged (:func:`phantom_ray.model.adapters.merge_lora_weight`,
+    the same arithmetic the loaders apply to an unmerged export); adapter keys dropped."""
+    from phantom_ray.model.adapters import merge_lora_weight
+
     out = base_state_dict(sd)
     for k in sd:
         if ".lora_A." in k:
             base, rest = k.split(".lora_A.")
             adapter = rest.split(".")[0]
-            delta = sd[f"{base}.lora_B.{adapter}.weight"] @ sd[k]
-            out[f"{base}.weight"] = out[f"{base}.weight"] + model.get_submodule(base).scaling[adapter] * delta
+            out[f"{base}.weight"] = merge_lora_weight(out[f"{base}.weight"], sd[k], sd[f"{base}.lora_B.{adapter}.weight"],
+                                                      model.get_submodule(base).scaling[adapter])
     return out
 
 
@@ -56,38 +61,60 @@ def base_state_dict(sd: dict) -> dict:
     return {k.replace(".base_layer.", "."): v for k, v in sd.items() if "lora_" not in k}
 
 
+def target_regex(lc) -> str:
+    """peft ``target_modules`` as one regex over :class:`PhantomForCausalLM` module names: the
+    modules :func:`wrap_lora` adapted (peft's suffix match inside ``language_model`` / ``vision_model``)."""
+    def alt(names):
+        return "|".join(re.escape(n) for n in names)
+
+    parts = [rf"language_model\.(?:.*\.)?(?:{alt(lc.target_modules)})"]
+    if lc.vision:
+        parts.append(rf"vision_model\.(?:.*\.)?(?:{alt(VISION_TARGETS)})")
+    return "|".join(parts)
+
+
 def adapter_files(sd: dict, lc) -> dict[str, bytes]:
-    """``adapter_config.json`` + ``adapter_model.safetensors`` for an unmerged export."""
+    """``adapter_config.json`` + ``adapter_model.safetensors`` in peft's standard layout (what
+    ``PeftModel.save_pretrained`` writes for a model wrapping :class:`PhantomForCausalLM`)."""
+    import tempfile
+
     from safetensors.torch import save as st_save
 
-    adapters = {k: v.contiguous() for k, v in sd.items() if "lora_" in k}
-    config = {"peft_type": "LORA", "r": lc.r, "lora_alpha": lc.alpha, "lora_dropout": lc.dropout,
-              "target_modules": list(lc.target_modules), "vision": lc.vision,
-              "vision_target_modules": VISION_TARGETS if lc.vision else []}
-    return {ADAPTER_CONFIG: json.dumps(config, indent=2).encode(), ADAPTER_WEIGHTS: st_save(adapters)}
+    from phantom_ray.model.adapters import PEFT_PREFIX
+
+    peft = _peft()
+    adapters = {}
+    for k, v in sd.items():
+        if "lora_" in k:  # <module>.lora_A.<adapter>.weight -> base_model.model.<module>.lora_A.weight
+            module, ab, _adapter, leaf = k.rsplit(".", 3)
+            adapters[f"{PEFT_PREFIX}{module}.{ab}.{leaf}"] = v.contiguous()
+    config = peft.LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=target_regex(lc),
+                             inference_mode=True)
+    with tempfile.TemporaryDirectory() as d:
+        config.save_pretrained(d)
+        config_bytes = open(os.path.join(d, ADAPTER_CONFIG), "rb").read()
+    return {ADAPTER_CONFIG: config_bytes, ADAPTER_WEIGHTS: st_save(adapters, metadata={"format": "pt"})}
 
 
 def load_with_adapter(model_dir: str, **kwargs):
-    """A model exported with ``merge_on_export: false``: base weights, then the adapter on top."""
-    from safetensors.torch import load as st_load
+    """An unmerged export with the adapter kept as peft modules (to train it further, or to unmerge):
+    base weights (``adapter="skip"``), peft's LoRA layers injected, the saved adapter weights loaded.
+    For inference :meth:`PhantomForCausalLM.from_pretrained` merges the adapter instead."""
+    from safetensors.torch import load_file
 
-    from phantom_ray import storage
     from phantom_ray.model import PhantomForCausalLM
+    from phantom_ray.model.adapters import PEFT_PREFIX
+    from phantom_ray.model.loading import resolve_checkpoint
 
     peft = _peft()
-    model = PhantomForCausalLM.from_pretrained(model_dir, **kwargs)
-    config = json.loads(storage.read_text(storage.join(model_dir, ADAPTER_CONFIG)))
-    lc = dict(r=config["r"], lora_alpha=config["lora_alpha"], lora_dropout=config["lora_dropout"])
-    peft.inject_adapter_in_model(peft.LoraConfig(target_modules=config["target_modules"], **lc), model.language_model)
-    if config.get("vision"):
-        peft.inject_adapter_in_model(peft.LoraConfig(target_modules=config["vision_target_modules"], **lc),
-                                     model.vision_model)
-    weights = st_load(storage.read_bytes(storage.join(model_dir, ADAPTER_WEIGHTS)))
-    missing = set(weights) - set(dict(model.named_parameters()))
-    if missing:
-        raise ValueError(f"{model_dir}: adapter weights for unknown modules {sorted(missing)[:3]} ...")
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for k, v in weights.items():
-            params[k].copy_(v.to(params[k].dtype))
+    local = str(resolve_checkpoint(model_dir))
+    model = PhantomForCausalLM.from_pretrained(local, adapter="skip", **kwargs)
+    peft.inject_adapter_in_model(peft.LoraConfig.from_pretrained(local), model)
+    weights = load_file(os.path.join(local, ADAPTER_WEIGHTS))
+    weights = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in weights.items()}
+    result = peft.set_peft_model_state_dict(model, weights)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"{model_dir}: adapter weights for unknown modules {sorted(unexpected)[:3]} ...")
+    model.name_or_path = str(model_dir)
     return model.eval()

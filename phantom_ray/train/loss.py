@@ -127,13 +127,16 @@ class _ChunkedLinearLogp(torch.autograd.Function):
 
 
 def target_logps(labels: torch.Tensor, *, logits: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
-                 head_weight: torch.Tensor | None = None, ignore_index: int = -100, chunk: int = DEFAULT_CHUNK
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 head_weight: torch.Tensor | None = None, head=None, ignore_index: int = -100,
+                 chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-prob of every next-token target: ``(token_logps (R, L-1) fp32, 0 where unsupervised;
     mask (R, L-1) bool)``. Position t predicts ``labels[:, t+1]``.
 
-    Give either ``logits`` (R, L, V), or ``hidden`` (R, L, C) + ``head_weight`` (V, C) (the LM head's
-    weight: the leanest form, see above). Only supervised positions are computed at all.
+    Give either ``logits`` (R, L, V), or ``hidden`` (R, L, C) + the LM head: ``head`` (the model's
+    :class:`~phantom_ray.model.llm.LMHead` module, which runs the fused computation inside its own
+    forward, so DeepSpeed ZeRO-3 gathers its partitioned weight for forward and backward) or
+    ``head_weight`` (V, C) (a weight that is whole where it is read: no ZeRO-3). Both are the
+    leanest form, see above. Only supervised positions are computed at all.
     """
     R, L = labels.shape
     target = labels[:, 1:]
@@ -143,10 +146,12 @@ def target_logps(labels: torch.Tensor, *, logits: torch.Tensor | None = None, hi
     t = target[rows, cols]
     if logits is not None:
         lp = _ChunkedLogitsLogp.apply(logits.reshape(R * L, -1), pos, t, chunk)
+    elif hidden is not None and head is not None:
+        lp = head(hidden.reshape(R * L, -1), fused=lambda h, w: _ChunkedLinearLogp.apply(h, w, pos, t, chunk))
     elif hidden is not None and head_weight is not None:
         lp = _ChunkedLinearLogp.apply(hidden.reshape(R * L, -1), head_weight, pos, t, chunk)
     else:
-        raise ValueError("target_logps needs logits, or hidden and head_weight")
+        raise ValueError("target_logps needs logits, or hidden and the LM head (head or head_weight)")
     out = torch.zeros(target.shape, dtype=lp.dtype, device=labels.device).index_put((rows, cols), lp)
     return out, mask
 
@@ -197,7 +202,7 @@ def preference_loss(logits: torch.Tensor | None, labels: torch.Tensor, *, kind: 
                     gamma: float = 1.0, pref_weight: float = 1.0, sft_weight: float = 1.0,
                     has_rejected: torch.Tensor | None = None, ref_chosen_logps: torch.Tensor | None = None,
                     ref_rejected_logps: torch.Tensor | None = None, ignore_index: int = -100,
-                    hidden: torch.Tensor | None = None, head_weight: torch.Tensor | None = None,
+                    hidden: torch.Tensor | None = None, head_weight: torch.Tensor | None = None, head=None,
                     sample_index: torch.Tensor | None = None, num_samples: int | None = None,
                     chunk: int = DEFAULT_CHUNK) -> LossOutput:
     """PO / DPO loss on a pair batch (chosen first), or SFT on a plain batch.
@@ -206,9 +211,9 @@ def preference_loss(logits: torch.Tensor | None, labels: torch.Tensor, *, kind: 
     sample of every position, -1 on padding, ``num_samples`` = 2B): samples 0..B-1 are the chosen
     answers and B+k is the rejected answer of pair k. ``kind="sft"`` or unpaired rows
     (``has_rejected`` False) give the SFT term only, on the chosen answers. Pass ``logits``, or
-    ``hidden`` + ``head_weight`` for the fused head + log-softmax that never forms the logits.
+    ``hidden`` + ``head`` (or ``head_weight``) for the fused head + log-softmax that never forms the logits.
     """
-    token_lp, mask = target_logps(labels, logits=logits, hidden=hidden, head_weight=head_weight,
+    token_lp, mask = target_logps(labels, logits=logits, hidden=hidden, head_weight=head_weight, head=head,
                                   ignore_index=ignore_index, chunk=chunk)
     zero = token_lp.new_zeros(())
     if has_rejected is None:

@@ -363,8 +363,11 @@ def run_training(cfg: TrainConfig, *, step_callbacks: list | None = None) -> dic
     before anything reaches Ray. ``step_callbacks``: test-only, picklable ``cb(rank, step)`` called
     by every worker after each optimizer step (fault injection); production runs pass none."""
     import ray
+    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
+
+    from phantom_ray.data.pipeline import ingest_options
 
     cfg = cfg.resolved()
     if not ray.is_initialized():
@@ -398,6 +401,8 @@ def run_training(cfg: TrainConfig, *, step_callbacks: list | None = None) -> dic
             scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                          resources_per_worker=cfg.scaling.resources()),
             torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+            # reproducible input: every dataset streamed in order, split by the data alone (data.deterministic)
+            dataset_config=ray.train.DataConfig(execution_options=ingest_options(cfg.data)),
             run_config=RunConfig(name=cfg.run.name, storage_path=path, storage_filesystem=fs,
                                  failure_config=FailureConfig(max_failures=0),
                                  checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep)),

@@ -248,13 +248,14 @@ class PhantomRecipe:
 
     def forward_loss(self, batch: dict):
         """Loss of one (padded or packed) batch. The LM head is applied by the loss, chunk by chunk
-        (``loss.chunk_tokens``), so no (tokens x vocab) logits exist; under ZeRO-3 the head weight
-        is partitioned outside its module's forward, so the model returns logits there and the
-        chunked log-softmax works on those."""
+        (``loss.chunk_tokens``), so no (tokens x vocab) logits exist, at every ZeRO stage: the
+        chunked computation runs inside the head module's own forward (``LMHead(h, fused=...)``),
+        where ZeRO-3 gathers the partitioned head weight for it and for its backward.
+        ``loss.fused_head: false``: the model returns logits and the chunked log-softmax works on those."""
         cfg = self.cfg
         b = self._to_device(batch)
         packed = "segment_ids" in b
-        lean = cfg.deepspeed.zero_stage != 3
+        lean = cfg.loss.fused_head
         extra = {"segment_ids": b["segment_ids"], "position_ids": b.get("position_ids")} if packed else {}
         out = self.engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"], pixel_values=b.get("pixel_values"),
                           phantom_index=b.get("phantom_index"), image_repeat=int(b.get("image_repeat", 1)),
@@ -269,7 +270,7 @@ class PhantomRecipe:
                                has_rejected=has_rejected, ref_chosen_logps=b.get("ref_chosen_logps"),
                                ref_rejected_logps=b.get("ref_rejected_logps"),
                                ignore_index=self.model.config.ignore_index, hidden=out.hidden_states,
-                               head_weight=self.model.language_model.head.weight if lean else None,
+                               head=self.model.language_model.head if lean else None,
                                sample_index=b.get("sample_index") if packed else None,
                                num_samples=int(b["num_samples"]) if packed else None, chunk=cfg.loss.chunk_tokens)
 

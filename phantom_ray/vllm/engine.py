@@ -55,12 +55,6 @@ from phantom_ray.vllm.inputs import vllm_prompt
 log = logging.getLogger(__name__)
 
 
-def _default_dtype() -> str:
-    import torch
-
-    return "bfloat16" if torch.cuda.is_available() else "float32"
-
-
 class VLLMEngine:
     backend = "vllm"
 
@@ -90,9 +84,7 @@ class VLLMEngine:
         defaults for the device (the torch engine's ``max_batch_size`` does not apply and is ignored).
         ``served_model_name`` labels vLLM's metrics (``model_name``). ``vllm_options`` go to vLLM's
         engine arguments unchanged."""
-        from phantom_ray.loader import local_model_dir
-        from phantom_ray.model.config import PhantomConfig
-        from phantom_ray.processing import PhantomProcessor, load_tokenizer
+        from phantom_ray.loader import default_device, load_processor, local_model_dir, resolve_dtype
 
         if unused:
             log.debug("vllm engine ignores options %s", sorted(unused))
@@ -100,15 +92,13 @@ class VLLMEngine:
         # deployment that wants it sets VLLM_NO_USAGE_STATS=0 itself
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         d = local_model_dir(model_id, seed=seed)
-        config = PhantomConfig.from_json_file(Path(d) / "config.json")
-        tok = load_tokenizer(str(d), config)
-        processor = PhantomProcessor(config, tok, max_length=max_length,
-                                     **({"max_pixels": max_pixels} if max_pixels is not None else {}))
-        import torch
-
-        on_gpu = torch.cuda.is_available()
+        processor = load_processor(str(d), max_length, max_pixels)  # the one way to a model's processor
+        config = processor.config
+        device = default_device()
+        on_gpu = device == "cuda"
         args: dict[str, Any] = dict(
-            model=str(d), tokenizer=str(d), dtype=_default_dtype() if dtype in (None, "auto") else str(dtype),
+            # the one "auto" rule (phantom_ray.loader.resolve_dtype): bfloat16 on CUDA, float32 on CPU
+            model=str(d), tokenizer=str(d), dtype=str(resolve_dtype(dtype or "auto", device)).replace("torch.", ""),
             seed=seed, max_model_len=max_model_len or min(max_length, config.llm_config.max_position_embeddings),
             enable_prefix_caching=enable_prefix_caching,
             enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,

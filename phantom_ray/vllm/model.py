@@ -28,7 +28,9 @@ PIL/numpy): the prompt carries ``<img></img>`` per image and vLLM expands it to
 ``<img>`` + ``<IMG_CONTEXT>`` x (tiles x tokens per tile) + ``</img>``, the layout of
 ``PhantomProcessor``. The vision side (InternViT, pixel shuffle, ``vision_proj``) is our module.
 
-Limits: tensor/pipeline parallel size 1 (our ``nn.Linear`` layers are not sharded); no LoRA.
+Limits: tensor/pipeline parallel size 1 (our ``nn.Linear`` layers are not sharded); a LoRA adapter
+saved next to the weights (an unmerged training export, :mod:`phantom_ray.model.adapters`) is merged
+into them at load, as the torch loader does; vLLM's own per-request LoRA is not wired up.
 """
 
 from __future__ import annotations
@@ -61,12 +63,13 @@ from vllm.multimodal.processing import (
 from vllm.sequence import IntermediateTensors
 
 from phantom_ray.model import attention as phantom_attn
+from phantom_ray.model.adapters import PEFT_PREFIX, adapter_deltas, has_adapter, merge_lora_weight
 from phantom_ray.model.attention import AttnContext, build_context
 from phantom_ray.model.cache import PhantomCache
 from phantom_ray.model.config import PhantomConfig
-from phantom_ray.model.llm import PhantomLanguageModel
-from phantom_ray.model.loading import _remap_key
-from phantom_ray.model.rope import _rope_kind, rope_cos_sin
+from phantom_ray.model.llm import LMHead, PhantomLanguageModel
+from phantom_ray.model.loading import remap_key
+from phantom_ray.model.rope import rope_kind, rope_cos_sin
 from phantom_ray.model.vision import InternVisionModel, build_projector, pixel_shuffle
 from phantom_ray.processing.images import tile_pixel_values
 from phantom_ray.processing.processor import IMG_END, IMG_START
@@ -236,7 +239,7 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
                       prefix=f"{prefix + '.' if prefix else ''}paged_attn.{i}")
             for i in range(llm.num_hidden_layers)
         )
-        self.rope_kind = _rope_kind(llm)
+        self.rope_kind = rope_kind(llm)
         tokenizer_path = vllm_config.model_config.tokenizer
         from phantom_ray.processing.tokenizers import load_tokenizer
 
@@ -250,6 +253,7 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
         # per KV block: the first token id of the sequence that last wrote it (see the module docstring)
         self._block_first = torch.zeros(0, dtype=torch.long)
         self._step_ids: torch.Tensor | None = None
+        self._model_dir = vllm_config.model_config.model  # a LoRA adapter next to the weights is merged at load
 
     # ---- weights ---------------------------------------------------------------------------------
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
@@ -258,8 +262,16 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
         head = f"language_model.{self.language_model._head_name}.weight"
         loaded: set[str] = set()
         unexpected: list[str] = []
+        deltas, scaling = {}, 1.0
+        if os.path.isdir(str(self._model_dir)) and has_adapter(self._model_dir):  # an unmerged LoRA export
+            _, deltas, scaling = adapter_deltas(self._model_dir)
         for name, w in weights:
-            name = _remap_key(name)
+            if name.startswith(PEFT_PREFIX):
+                continue  # vLLM globs adapter_model.safetensors with the weights: merged from there above
+            name = remap_key(name)
+            if name in deltas:  # the torch loader's merge, on the checkpoint tensor, before the cast
+                a, b = deltas.pop(name)
+                w = merge_lora_weight(w, a, b, scaling)
             if name not in params:
                 if name == head and self.pconfig.llm_config.tie_word_embeddings:
                     continue  # tied to the embedding
@@ -272,6 +284,9 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
                 p.copy_(w)
             loaded.add(name)
         missing = sorted(expected - loaded)
+        if deltas:
+            raise ValueError(f"{self._model_dir}: the LoRA adapter adapts weights the checkpoint does not have: "
+                             f"{sorted(deltas)[:5]}")
         if missing or unexpected:
             raise ValueError(f"checkpoint keys do not match the Phantom model: missing {missing[:20]}, "
                              f"unexpected {unexpected[:20]}")
@@ -297,7 +312,7 @@ class PhantomVLLMForCausalLM(nn.Module, SupportsMultiModal):
         from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
         for m in self.language_model.modules():
-            if type(m) is not nn.Linear or m.weight.shape[0] < 64:  # tiny gate projections: plain torch
+            if type(m) not in (nn.Linear, LMHead) or m.weight.shape[0] < 64:  # tiny gate projections: plain torch
                 continue
             dispatch_cpu_unquantized_gemm(m, remove_weight=False)
             m.forward = _packed_forward(m)

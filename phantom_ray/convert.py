@@ -113,6 +113,10 @@ class TensorSource:
     def keys(self) -> list[str]:
         return list(self._files)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        h = self._open(self._files[key])
+        return tuple(h.get_slice(key).get_shape()) if hasattr(h, "get_slice") else tuple(h[key].shape)
+
     def get(self, key: str) -> torch.Tensor:
         h = self._open(self._files[key])
         return h.get_tensor(key) if hasattr(h, "get_tensor") else h[key]
@@ -183,8 +187,6 @@ def llm_config_from(raw: dict, where: str) -> LLMConfig:
     d = _clean(dict(raw))
     d["architectures"] = raw.get("architectures")
     d["model_type"] = raw.get("model_type", "")
-    if d.get("use_sliding_window") is False:  # Qwen2 lists a window it does not use
-        d["sliding_window"] = None
     try:
         return LLMConfig.from_dict(d)
     except (ValueError, TypeError) as exc:
@@ -357,21 +359,19 @@ def init_checkpoint(size: str, output: str, source: str | None = None, vision: s
         force_image_size = raw.get("force_image_size")
         sources = {"source": TensorSource(src_dir, where)}
         tok_dir = src_dir
-        llm_raw = raw["llm_config"]
     else:
         route = "vision+llm"
         vis_dir, llm_dir = resolve_source(vision, "vision"), resolve_source(llm, "llm")
         vraw = read_config(vis_dir, f"--vision {vision}")
         if "vision_config" in vraw or "llm_config" in vraw:
             raise ConfigError(f"--vision {vision}: this is a composite (InternVL2) checkpoint; pass it as --source")
-        llm_raw = read_config(llm_dir, f"--llm {llm}")
-        llm_cfg = llm_config_from(llm_raw, f"--llm {llm}")
+        llm_cfg = llm_config_from(read_config(llm_dir, f"--llm {llm}"), f"--llm {llm}")
         vis_cfg = vision_config_from(vraw, f"--vision {vision}")
         force_image_size = None
         sources = {"vision": TensorSource(vis_dir, f"--vision {vision}"), "llm": TensorSource(llm_dir, f"--llm {llm}")}
         tok_dir = llm_dir
         where = f"--llm {llm}"
-    check_llm(size, preset, llm_cfg, where if route == "internvl2" else f"--llm {llm}")
+    check_llm(size, preset, llm_cfg, where)
     check_vision(size, preset, vis_cfg, force_image_size or vis_cfg.image_size,
                  where if route == "internvl2" else f"--vision {vision}")
 
@@ -384,7 +384,7 @@ def init_checkpoint(size: str, output: str, source: str | None = None, vision: s
     head_name = "language_model." + ("output" if llm_cfg.family == "internlm2" else "lm_head") + ".weight"
     src_llm = sources["source" if route == "internvl2" else "llm"]
     src_embed_key = (embed_name if route == "internvl2" else embed_name[len("language_model."):])
-    src_rows = int(src_llm.get(src_embed_key).shape[0])
+    src_rows = int(src_llm.shape(src_embed_key)[0])
     n_tokens = max(len(tok), max(added_ids, default=-1) + 1)
     # InternVL2 sized its vocabulary for its tokenizer: kept. A base LLM's is cut (or grown) to its
     # tokenizer plus the added tokens, as InternVL2 did with the same LLMs (docs/checkpoints.md#tokenizer).
@@ -415,10 +415,10 @@ def init_checkpoint(size: str, output: str, source: str | None = None, vision: s
     # ---- tensors ---------------------------------------------------------------------------------
     with torch.device("meta"):
         model = PhantomForCausalLM(config, attn_implementation="sdpa")
-    from phantom_ray.model.loading import _expected_keys
+    from phantom_ray.model.loading import expected_keys
 
     target_shapes = {k: v.shape for k, v in model.state_dict().items()}
-    target_keys = sorted(_expected_keys(model))
+    target_keys = sorted(expected_keys(model))
     plan = build_plan(target_keys, sources, route, embed_name, head_name, config.llm_config.tie_word_embeddings)
     want_dtype = None if dtype == "source" else getattr(torch, dtype)
     sd: dict[str, torch.Tensor] = {}

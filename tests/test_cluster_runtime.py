@@ -1,6 +1,10 @@
-"""Captioning's default replica ceiling scales with the cluster (phantom_ray.runtime.max_replicas):
-from the autoscaler's cluster config where Ray exposes it, else from the resources the cluster has
-now. Ray's two sources are replaced by fakes here (no Ray started): a few milliseconds."""
+"""How our runs fit the cluster they run on (phantom_ray.runtime), no Ray started:
+
+- captioning's default replica ceiling scales with the cluster (``max_replicas``): from the
+  autoscaler's cluster config where Ray exposes it, else from the resources the cluster has now
+  (Ray's two sources are replaced by fakes), and the caption RayJob passes bounds that fill its group;
+- inside a submitted Ray job, the driver's ``ray.init`` runtime env leaves out the variables the job's
+  own runtime env sets (Ray refuses the merge otherwise)."""
 
 from __future__ import annotations
 
@@ -105,3 +109,21 @@ def test_the_caption_rayjob_passes_bounds_that_fill_its_gpu_group():
     assert int(low) == 1 and group["minReplicas"] == 0, "start small: the autoscaler adds GPU pods as the pool grows"
     assert int(high) == group["maxReplicas"] * gpus_per_pod / float(gpus), (
         "--max-replicas is every GPU the group can grow to, divided by --num-gpus")
+
+
+def test_inside_a_job_the_drivers_runtime_env_drops_the_jobs_own_variables(monkeypatch):
+    """A job submitted with AWS_ENDPOINT_URL in its env_vars (an S3-compatible store): Ray refuses a
+    ray.init runtime_env naming the same variable, so init_ray drops those the job already sets."""
+    import json
+
+    from phantom_ray.runtime import _without_job_env_vars
+
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"AWS_ENDPOINT_URL": "http://s3.local", "A": "1"}}}))
+    ours = {"env_vars": {"AWS_ENDPOINT_URL": "http://s3.local", "AWS_REGION": "us-east-1"}}
+    assert _without_job_env_vars(ours) == {"env_vars": {"AWS_REGION": "us-east-1"}}
+    assert _without_job_env_vars({"env_vars": {"AWS_ENDPOINT_URL": "http://s3.local"}}) is None
+    # a different value is a real conflict: left for Ray to report
+    assert _without_job_env_vars({"env_vars": {"A": "2"}}) == {"env_vars": {"A": "2"}}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert _without_job_env_vars(ours) == ours
