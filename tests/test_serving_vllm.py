@@ -140,8 +140,8 @@ def test_errors_keep_our_shapes(client):
 
 # ---- the OpenAI surface vLLM has, through our ingress (tests/test_openai_surface.py: the torch engine) ----
 def _chat(**kw):
-    return dict(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=6, temperature=0,
-                **kw)
+    return {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 6, "temperature": 0,
+            **kw}
 
 
 def test_logprobs_follow_the_greedy_choice(client):
