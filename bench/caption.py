@@ -116,8 +116,8 @@ def vs_engine(args) -> int:
     try:
         images = _folder(tmp / "in", args.speed_images)
         cmd = [sys.executable, "-m", "phantom_ray.cli", "caption", "--input", str(images), "--output",
-               str(tmp / "out"), "--model", args.model, "--engine", "vllm", "--prompt", PROMPT, "--max-new-tokens",
-               str(args.max_new_tokens), "--shard-size", str(args.shard_size), "--num-gpus", str(args.num_gpus),
+               str(tmp / "out"), "--model", args.model, "--engine", "vllm", "--prompt", PROMPT, "--max-tokens",
+               str(args.max_tokens), "--shard-size", str(args.shard_size), "--num-gpus", str(args.num_gpus),
                "--num-cpus", str(args.replica_cpus), "--min-replicas", "1", "--max-replicas", "1", "--no-progress"]
         ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
@@ -134,7 +134,7 @@ def vs_engine(args) -> int:
         # the same engine offline: the replica's own loader and options, all requests in one call
         engine = load_caption_engine(args.model, "vllm", num_gpus=args.num_gpus, dtype="auto", seed=0,
                                      max_length=4096, attn_implementation="sdpa", batch_size=8)
-        params = SamplingParams(max_tokens=args.max_new_tokens)
+        params = SamplingParams(max_tokens=args.max_tokens)
         uris = sorted(str(p) for p in images.rglob("*.png"))
         prompts, vparams = [], []
         for u in uris:
@@ -151,7 +151,7 @@ def vs_engine(args) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"  engine offline (LLM.generate, {len(prompts)} images at once): {offline:.2f} images/s", flush=True)
-    print(f"\n{args.model}, {args.max_new_tokens} new token(s) per image, {args.speed_images} images, shard size "
+    print(f"\n{args.model}, {args.max_tokens} new token(s) per image, {args.speed_images} images, shard size "
           f"{args.shard_size}, one replica ({args.replica_cpus} CPUs, num_gpus {args.num_gpus})")
     print(f"caption pipeline/engine images/s: {s['steady_images_per_s'] / offline:.2f}")
     return 0
