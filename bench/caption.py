@@ -12,6 +12,15 @@ images/s of the Ray Data pipeline against a one-at-a-time loop (tiny preset, CPU
    one process, one torch thread) vs the pipeline end to end (plan, Ray Data and actor start-up,
    model load included) and in steady state (the summary's split). Target: end to end >= 4x the loop.
 
+3. ``--vs-engine``: how close the pipeline comes to the engine itself. Images/s of
+   ``phantom-ray caption --engine vllm`` with one replica after start-up (the summary's steady
+   state: from the first finished chunk to the end) divided by the same engine's own offline
+   throughput (``vllm.LLM.generate`` over all the images at once, built by the replica's own
+   ``load_caption_engine``, prompts and images prepared before the clock starts) on the same images
+   and prompt. Last line ``caption pipeline/engine images/s: X.XX`` (target >= 0.85):
+
+       PYTHONPATH=. flock /tmp/phantom_heavy.lock .venv/bin/python bench/caption.py --vs-engine
+
 Not part of the test suite; timings never decide pass/fail. Random weights rarely emit a stop
 token, so every caption runs to --max-tokens: the work per image is the same in every mode.
 """
@@ -94,6 +103,60 @@ def _rss_child(cmd: list[str], env: dict) -> tuple[float, dict, float]:
     return got["peak_mib"], got["summary"], got["wall_s"]
 
 
+def vs_engine(args) -> int:
+    """Section 3: pipeline (one vllm replica, steady state) over the engine offline, same images."""
+    import ray
+
+    from phantom_ray.caption.stage import _fetch_and_open, load_caption_engine
+    from phantom_ray.infer.api import Request, SamplingParams
+    from phantom_ray.ingest import DEFAULT_LIMITS
+    from phantom_ray.vllm.inputs import vllm_prompt
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_caption_vllm_"))
+    try:
+        images = _folder(tmp / "in", args.speed_images)
+        cmd = [sys.executable, "-m", "phantom_ray.cli", "caption", "--input", str(images), "--output",
+               str(tmp / "out"), "--model", args.model, "--engine", "vllm", "--prompt", PROMPT, "--max-tokens",
+               str(args.max_tokens), "--shard-size", str(args.shard_size), "--num-gpus", str(args.num_gpus),
+               "--num-cpus", str(args.replica_cpus), "--min-replicas", "1", "--max-replicas", "1", "--no-progress"]
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address,
+               "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+        res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"caption failed: {res.stderr[-3000:]}")
+        s = json.loads(res.stdout.strip().splitlines()[-1])
+        ray.shutdown()
+        print(f"  pipeline: {s['images_processed']} images, {s['errors']} errors, start-up {s['startup_s']:.1f}s, "
+              f"steady {s['steady_images_per_s']:.2f} images/s, end to end {s['images_per_s']:.2f} images/s",
+              flush=True)
+
+        # the same engine offline: the replica's own loader and options, all requests in one call
+        engine = load_caption_engine(args.model, "vllm", num_gpus=args.num_gpus, dtype="auto", seed=0,
+                                     max_length=4096, attn_implementation="sdpa", batch_size=8)
+        params = SamplingParams(max_tokens=args.max_tokens)
+        uris = sorted(str(p) for p in images.rglob("*.png"))
+        prompts, vparams = [], []
+        for u in uris:
+            req = Request.user(PROMPT, images=[_fetch_and_open(u, DEFAULT_LIMITS)], params=params, key=u)
+            sample = engine.prepare(req)
+            prompts.append(vllm_prompt(engine.processor, sample, list(req.images)))
+            vparams.append(engine._vllm_params(req.params, req.key))
+        llm = engine._sync_engine()
+        llm.generate(prompts[:8], vparams[:8], use_tqdm=False)  # warm-up
+        t0 = time.perf_counter()
+        llm.generate(prompts, vparams, use_tqdm=False)
+        offline = len(prompts) / (time.perf_counter() - t0)
+        engine.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"  engine offline (LLM.generate, {len(prompts)} images at once): {offline:.2f} images/s", flush=True)
+    print(f"\n{args.model}, {args.max_tokens} new token(s) per image, {args.speed_images} images, shard size "
+          f"{args.shard_size}, one replica ({args.replica_cpus} CPUs, num_gpus {args.num_gpus})")
+    print(f"caption pipeline/engine images/s: {s['steady_images_per_s'] / offline:.2f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rss-images", default="1000,50000", help="image counts for the driver-RSS runs")
@@ -109,8 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-gpus", type=float, default=0.0, help="per replica (0.5: two replicas share a GPU)")
     ap.add_argument("--replica-cpus", type=float, default=1.0)
     ap.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    ap.add_argument("--vs-engine", action="store_true", help="only section 3: the vllm pipeline (one replica, "
+                    "steady state) against the same engine offline; last line: caption pipeline/engine images/s")
     ap.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.vs_engine:
+        return vs_engine(args)
 
     if args._measure:
         peak, summary, wall = _run_driver(json.loads(args._measure), dict(os.environ))

@@ -4,6 +4,15 @@
     .venv/bin/python bench/serve_load.py --requests 48 --max-tokens 64 --concurrency 1,4,16
     .venv/bin/python bench/serve_load.py --url http://127.0.0.1:8000 --models tiny-qwen2   # a running server
 
+``--vs-engine`` measures how close serving comes to the engine itself: one replica of the preset on
+``engine: vllm`` (vLLM's own concurrency defaults), ``--clients`` (64) concurrent streaming HTTP
+clients over ``--requests`` requests after a warm-up, tokens/s at the clients; then the same engine
+(same engine arguments, same prompts: our processor's token ids and images, greedy, ``ignore_eos``)
+offline, ``vllm.LLM.generate`` over all the requests at once, tokens/s. The last line is
+``serve pipeline/engine tokens/s: X.XX`` (target >= 0.80):
+
+    PYTHONPATH=. flock /tmp/phantom_heavy.lock .venv/bin/python bench/serve_load.py --vs-engine
+
 Without ``--url`` it deploys one application with the same preset twice: ``<preset>-batched``
 (``max_batch_size`` 16) and ``<preset>-unbatched`` (``max_batch_size`` 1), then sends a bounded
 number of streaming chat requests (an image and a question, greedy, fixed answer length via
@@ -18,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import socket
 import statistics
 import sys
@@ -128,7 +138,7 @@ def start_local_server(preset: str, port: int, max_batch_size: int, batch_wait_s
 
     from phantom_ray.serving.app import build_app
 
-    common = {"checkpoint": preset, "dtype": "float32", "attn_implementation": "sdpa", "num_cpus": 0.5,
+    common = {"checkpoint": preset, "engine": "torch", "dtype": "float32", "attn_implementation": "sdpa", "num_cpus": 0.5,
               "torch_num_threads": 1, "max_ongoing_requests": 64, "max_queued_requests": 256,
               "batch_wait_timeout_s": batch_wait_s, "num_replicas": 1, "max_tokens_limit": 1024}
     models = [f"{preset}-batched", f"{preset}-unbatched"]
@@ -141,6 +151,78 @@ def start_local_server(preset: str, port: int, max_batch_size: int, batch_wait_s
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="phantom-bench", route_prefix="/", blocking=False)
     return f"http://127.0.0.1:{port}", models
+
+
+VLLM_BENCH = {"engine": "vllm", "max_model_len": 512, "kv_cache_memory_bytes": 256 * 2**20, "block_size": 32}
+
+
+def request_payload(i: int, max_tokens: int):
+    """What the HTTP front makes of ``request_body(.., i, ..)``: the engine request of it."""
+    from phantom_ray.infer.api import Request, SamplingParams
+
+    image = png_bytes((32 + (i % 4) * 16, 32), ((37 * i) % 255, 120, 200))
+    return Request(messages=[{"role": "user", "content": f"<image>Request {i}: describe the picture in detail."}],
+                   images=[image], params=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+
+
+def offline_engine_tokens_per_s(preset: str, n: int, max_tokens: int) -> tuple[float, int, float]:
+    """The same engine offline: ``LLM.generate`` over all ``n`` requests at once -> (tokens/s, tokens, s).
+    Prompts are built before the clock starts (the engine's own throughput)."""
+    from phantom_ray.serving.config import ModelSpec
+    from phantom_ray.vllm.engine import VLLMEngine
+    from phantom_ray.vllm.inputs import vllm_prompt
+
+    spec = ModelSpec(name=preset, checkpoint=preset, max_prompt_tokens=512, max_tokens_limit=1024, **VLLM_BENCH)
+    engine = VLLMEngine.load(preset, max_length=spec.max_prompt_tokens, **spec.engine_options())
+    try:
+        requests = [request_payload(i, max_tokens) for i in range(n)]
+        prompts, params = [], []
+        for r in requests:
+            sample = engine.prepare(r)
+            prompts.append(vllm_prompt(engine.processor, sample, list(r.images)))
+            params.append(engine._vllm_params(r.params, "bench"))
+        llm = engine._sync_engine()
+        llm.generate(prompts[:4], params[:4], use_tqdm=False)  # warm-up
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        return tokens / wall, tokens, wall
+    finally:
+        engine.close()
+
+
+def vs_engine(a) -> int:
+    import ray
+    from ray import serve
+
+    from phantom_ray.serving.app import build_app
+
+    model = f"{a.preset}-vllm"
+    port = free_port()
+    args = {"models": [{"name": model, "checkpoint": a.preset, "num_cpus": 1, "num_replicas": 1,
+                        "max_ongoing_requests": max(a.clients, 64), "max_queued_requests": 4 * a.requests,
+                        "max_prompt_tokens": 512, "max_tokens_limit": 1024, **VLLM_BENCH}],
+            "ingress_num_cpus": 0.25, "max_images_per_request": 1}
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    t0 = time.perf_counter()
+    serve.run(build_app(args), name="phantom-bench", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    asyncio.run(run_level(url, model, 4, 8, a.max_tokens))  # warm-up: engine start, first batches
+    print(f"replica up and warm in {time.perf_counter() - t0:.0f}s", flush=True)
+    row = asyncio.run(run_level(url, model, a.clients, a.requests, a.max_tokens))
+    print(f"serving: {a.clients} streaming clients, {row['requests']} requests ({row['errors']} errors), "
+          f"{row['tokens_per_s']:.1f} tokens/s, ttft p50 {row['ttft_p50_s'] * 1e3:.0f}ms", flush=True)
+    if row["first_error"]:
+        print(f"  first error: {row['first_error']}", flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    tps, tokens, wall = offline_engine_tokens_per_s(a.preset, a.requests, a.max_tokens)
+    print(f"engine offline (LLM.generate, {a.requests} requests at once): {tokens} tokens in {wall:.1f}s, "
+          f"{tps:.1f} tokens/s", flush=True)
+    print(f"serve pipeline/engine tokens/s: {row['tokens_per_s'] / tps:.2f}")
+    return 0
 
 
 def free_port() -> int:
@@ -160,7 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-s", type=float, default=0.01)
     p.add_argument("--json", help="also write the results to this file")
+    p.add_argument("--vs-engine", action="store_true", help="serving (vLLM, --clients streaming clients) "
+                   "against the same engine offline; last line: serve pipeline/engine tokens/s")
+    p.add_argument("--clients", type=int, default=64)
     a = p.parse_args(argv)
+    if a.vs_engine:
+        if a.requests < a.clients:
+            a.requests = 2 * a.clients
+        return vs_engine(a)
     levels = [int(c) for c in a.concurrency.split(",")]
 
     if a.url:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 from ray.cluster_utils import AutoscalingCluster
 
+from helpers import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 FAKE_NODE_ENV = "RAY_OVERRIDE_NODE_ID_FOR_TESTING"  # set by the fake provider on each node it starts
 
@@ -50,12 +52,6 @@ _BASE_CONFIG = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalAutoscalingCluster(AutoscalingCluster):
     """``AutoscalingCluster(head_resources, worker_node_types, idle_timeout_minutes=...)`` that owns
     its processes; ``start()`` returns the GCS address to ``ray.init`` with."""
@@ -69,7 +65,7 @@ class LocalAutoscalingCluster(AutoscalingCluster):
         return config
 
     def start(self, _system_config=None, override_env=None, timeout_s: float = 120.0) -> str:
-        port = _free_port()
+        port = free_port()
         self.temp_dir = tempfile.mkdtemp(prefix="rayas", dir="/tmp")  # short: unix socket path limit
         self.address = f"127.0.0.1:{port}"
         self._config["provider"]["gcs_address"] = self.address  # else the provider dials :6379

@@ -21,6 +21,10 @@ def tiny_args(**overrides) -> ServeArgs:
     model_overrides = overrides.pop("model_overrides", {})
     for m in models:
         m.update(model_overrides.get(m["name"], {}))
+        if m["engine"] == "vllm":  # continuous batching: the torch engine's batching fields do not apply
+            for k in ("max_batch_size", "batch_wait_timeout_s"):
+                if k not in model_overrides.get(m["name"], {}):
+                    m.pop(k)
     args = {"models": models, "api_keys_env": None, "allowed_image_url_prefixes": [], "max_images_per_request": 2,
             "max_image_bytes": 64 * 1024, "max_image_pixels": 512 * 512, "ingress_num_cpus": 0.1}
     args.update(overrides)

@@ -91,19 +91,25 @@ def assert_error(resp, status, code):
 
 
 MALFORMED = {
-    # unhonoured parameters
+    # vLLM's features on the torch engine: a 400 naming the engine (tests/test_openai_surface.py)
     "response_format_json": (chat("hi", response_format={"type": "json_object"}), 400, "unsupported_parameter"),
-    "response_format_schema": (chat("hi", response_format={"type": "json_schema", "json_schema": {}}), 400,
-                               "unsupported_parameter"),
-    "top_logprobs": (chat("hi", top_logprobs=3), 400, "unsupported_parameter"),
     "logprobs_true": (chat("hi", logprobs=True), 400, "unsupported_parameter"),
-    "n_3": (chat("hi", n=3), 400, "unsupported_parameter"),
+    # malformed values of honoured parameters
+    "response_format_schema_missing": (chat("hi", response_format={"type": "json_schema"}), 400, "invalid_request"),
+    "response_format_schema_no_schema": (chat("hi", response_format={"type": "json_schema", "json_schema": {}}),
+                                         400, "invalid_request"),
+    "top_logprobs_without_logprobs": (chat("hi", top_logprobs=3), 400, "invalid_request"),
+    "top_logprobs_over_20": (chat("hi", logprobs=True, top_logprobs=21), 400, "invalid_request"),
+    "n_0": (chat("hi", n=0), 400, "invalid_request"),
+    "n_over_limit": (chat("hi", n=17), 400, "invalid_request"),
+    # unhonoured parameters
     "tools": (chat("hi", tools=[{"type": "function", "function": {"name": "f"}}]), 400, "unsupported_parameter"),
     "tool_choice_auto": (chat("hi", tool_choice="auto"), 400, "unsupported_parameter"),
     "frequency_penalty": (chat("hi", frequency_penalty=0.5), 400, "unsupported_parameter"),
     "presence_penalty": (chat("hi", presence_penalty=-1), 400, "unsupported_parameter"),
     "logit_bias": (chat("hi", logit_bias={"50256": -100}), 400, "unsupported_parameter"),
     "unknown_field": (chat("hi", best_of=4), 400, "unsupported_parameter"),
+    "completions_only_field": (chat("hi", echo=True), 400, "unsupported_parameter"),
     "audio_modality": (chat("hi", modalities=["text", "audio"]), 400, "unsupported_parameter"),
     "message_tool_calls": ({"model": "tiny-qwen2", "max_tokens": 2, "messages": [
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "tool_calls": [{"id": "1"}]},
@@ -148,8 +154,8 @@ MALFORMED = {
 }
 
 NOOPS = {  # accepted: these values ask for nothing we do not do
-    "n_1": chat("hi", n=1), "logprobs_false": chat("hi", logprobs=False), "response_format_text":
-    chat("hi", response_format={"type": "text"}), "tools_empty": chat("hi", tools=[]),
+    "n_1": chat("hi", n=1), "n_2": chat("hi", n=2), "logprobs_false": chat("hi", logprobs=False),
+    "response_format_text": chat("hi", response_format={"type": "text"}), "tools_empty": chat("hi", tools=[]),
     "nulls": chat("hi", top_logprobs=None, tool_choice=None, response_format=None, presence_penalty=0),
     "detail_hint": chat([{"type": "image_url", "image_url": {"url": data_uri(PNG), "detail": "low"}},
                          {"type": "text", "text": "x"}]),

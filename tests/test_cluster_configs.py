@@ -286,8 +286,12 @@ def test_gpu_serve_app_hosts_four_sizes_on_the_8xh100_group():
         assert 0 < m["num_gpus"] <= 1, f"{name}: one replica fits on one H100"
         # fractional replicas must tile a GPU exactly, or the remainder is stranded
         assert (1 / m["num_gpus"]).is_integer(), f"{name}: num_gpus={m['num_gpus']} does not divide a GPU"
-        assert 0 < m["max_batch_size"] <= m["max_ongoing_requests"]
-        assert 0 < m["batch_wait_timeout_s"] < 1
+        if m.get("engine") == "vllm":  # continuous batching: vLLM's own concurrency settings, never the torch ones
+            assert "max_batch_size" not in m and "batch_wait_timeout_s" not in m, name
+            assert m.get("max_num_seqs", 1) >= 1 and m.get("max_num_batched_tokens", 1) >= 1
+        else:
+            assert 0 < m["max_batch_size"] <= m["max_ongoing_requests"]
+            assert 0 < m["batch_wait_timeout_s"] < 1
         scaling = AutoscalingConfig(**m["autoscaling_config"])  # Ray's own validation
         assert 1 <= scaling.min_replicas <= scaling.max_replicas
         max_gpus += m["num_gpus"] * scaling.max_replicas

@@ -73,7 +73,7 @@ MALFORMED = {
     "missing_messages": ({"model": "tiny-qwen2"}, 400, "invalid_request"),
     "empty_messages": ({"model": "tiny-qwen2", "messages": []}, 400, "invalid_request"),
     "bad_role": ({"model": "tiny-qwen2", "messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_request"),
-    "n_2": (chat("hi", n=2), 400, "unsupported_parameter"),
+    "n_17": (chat("hi", n=17), 400, "invalid_request"),
     "temperature_out_of_range": (chat("hi", temperature=5), 400, "invalid_request"),
     "bad_base64": (chat([image_part("data:image/png;base64,@@@not-base64@@@"), {"type": "text", "text": "x"}]),
                    400, "invalid_base64"),

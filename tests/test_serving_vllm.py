@@ -15,7 +15,7 @@ APP = "phantom-vllm-test"
 MODEL = "tiny-qwen2"
 # vLLM on CPU: a small fixed KV cache (the default fraction of host RAM refuses to start next to other
 # processes) and a block size that is a multiple of 32
-VLLM = dict(engine="vllm", max_model_len=256, kv_cache_memory_bytes=32 * 2**20, block_size=32, max_batch_size=8,
+VLLM = dict(engine="vllm", max_model_len=256, kv_cache_memory_bytes=32 * 2**20, block_size=32,
             num_cpus=1.0)
 
 
@@ -28,13 +28,37 @@ def test_model_spec_vllm_options():
                                 "vllm_options": {"max_num_batched_tokens": 512}, "env_vars": {"A": "1"}})
     assert spec.engine_options() == {
         "enable_prefix_caching": True, "max_model_len": 256, "kv_cache_memory_bytes": 32 * 2**20,
-        "enforce_eager": True, "vllm_options": {"max_num_batched_tokens": 512, "block_size": 32}}
+        "enforce_eager": True, "served_model_name": "m",
+        "vllm_options": {"max_num_batched_tokens": 512, "block_size": 32}}
     assert spec.deployment_options()["ray_actor_options"]["runtime_env"] == {"env_vars": {"A": "1"}}
     with pytest.raises(ConfigError, match="only apply to engine vllm"):
         ModelSpec.from_dict({"name": "m", "checkpoint": "tiny-qwen2", "engine": "torch", "block_size": 32})
+    # concurrency is vLLM's own: its settings pass through, the torch engine's batching is refused
+    spec = ModelSpec.from_dict({"name": "m", "checkpoint": "tiny-qwen2", "engine": "vllm", "max_num_seqs": 512,
+                                "max_num_batched_tokens": 8192})
+    assert spec.engine_options()["max_num_seqs"] == 512 and spec.engine_options()["max_num_batched_tokens"] == 8192
+    assert "max_num_seqs" not in ModelSpec.from_dict({"name": "m", "checkpoint": "x", "engine": "vllm"}).engine_options()
+    assert ModelSpec.model_validate(spec.model_dump()) == spec  # what a replica does with its spec
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        ModelSpec.from_dict({"name": "m", "checkpoint": "tiny-qwen2", "engine": "vllm", "max_batch_size": 16})
+    with pytest.raises(ConfigError, match="only apply to engine vllm"):
+        ModelSpec.from_dict({"name": "m", "checkpoint": "tiny-qwen2", "engine": "torch", "max_num_seqs": 8})
     with pytest.raises(ConfigError, match="not both"):
         ModelSpec.from_dict({"name": "m", "checkpoint": "tiny-qwen2", "engine": "vllm",
                              "kv_cache_memory_bytes": 1, "gpu_memory_utilization": 0.5})
+
+
+def test_vllm_concurrency_defaults_are_vllms():
+    """Unset, vLLM picks max_num_seqs / max_num_batched_tokens for the device; max_batch_size (the
+    torch engine's) never becomes max_num_seqs."""
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    from phantom_ray.vllm.engine import VLLMEngine
+
+    args = VLLMEngine.load(MODEL, max_batch_size=16, max_length=256).engine_args
+    assert "max_num_seqs" not in args and "max_num_batched_tokens" not in args
+    args = VLLMEngine.load(MODEL, max_num_seqs=300, max_num_batched_tokens=4096, served_model_name="m",
+                           max_length=256).engine_args
+    assert (args["max_num_seqs"], args["max_num_batched_tokens"], args["served_model_name"]) == (300, 4096, "m")
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +136,90 @@ def test_errors_keep_our_shapes(client):
     ok = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                         temperature=0)
     assert ok.choices[0].message.content is not None
+
+
+# ---- the OpenAI surface vLLM has, through our ingress (tests/test_openai_surface.py: the torch engine) ----
+def _chat(**kw):
+    return {"model": MODEL, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 6, "temperature": 0,
+            **kw}
+
+
+def test_logprobs_follow_the_greedy_choice(client):
+    out = client.chat.completions.create(**_chat(logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True}))
+    content = out.choices[0].logprobs.content
+    assert len(content) == 6 == out.usage.completion_tokens  # one entry per generated token
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.logprob <= 0
+        # greedy: the chosen token is the most likely one, with its logprob
+        assert c.top_logprobs[0].token == c.token and abs(c.top_logprobs[0].logprob - c.logprob) < 1e-5
+        assert [t.logprob for t in c.top_logprobs] == sorted((t.logprob for t in c.top_logprobs), reverse=True)
+    plain = client.chat.completions.create(**_chat(extra_body={"ignore_eos": True}))
+    assert plain.choices[0].message.content == out.choices[0].message.content and plain.choices[0].logprobs is None
+
+
+def test_n_choices_and_seed(client):
+    greedy = client.chat.completions.create(**_chat(n=3))
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert len({c.message.content for c in greedy.choices}) == 1
+    kw = _chat(n=2, temperature=1.0, seed=11, max_tokens=10, extra_body={"ignore_eos": True})
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.choices[0].message.content != a.choices[1].message.content
+    assert a.usage.completion_tokens == 20
+
+
+def test_response_format_json_schema(client):
+    import json
+
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}, "big": {"type": "boolean"}},
+              "required": ["colour", "big"], "additionalProperties": False}
+    out = client.chat.completions.create(
+        **{**_chat(), "max_tokens": 40},
+        response_format={"type": "json_schema", "json_schema": {"name": "shape", "schema": schema}})
+    answer = json.loads(out.choices[0].message.content)
+    jsonschema.validate(answer, schema)
+    assert out.choices[0].finish_reason == "stop"
+    obj = client.chat.completions.create(**{**_chat(), "max_tokens": 60}, response_format={"type": "json_object"})
+    assert obj.choices[0].finish_reason != "stop" or isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
+def test_completions_equal_chat_on_the_same_raw_prompt(client):
+    from phantom_ray.loader import load_model
+
+    proc = load_model(MODEL, device="cpu", dtype="float32", seed=0, max_length=256).processor
+    text = proc.build_prompt([{"role": "user", "content": QUESTION}])
+    chat = client.chat.completions.create(**_chat(max_tokens=8, extra_body={"ignore_eos": True}))
+    done = client.completions.create(model=MODEL, prompt=text, max_tokens=8, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert done.choices[0].text == chat.choices[0].message.content
+    streamed = client.completions.create(model=MODEL, prompt=text, max_tokens=8, temperature=0, stream=True,
+                                         logprobs=2, extra_body={"ignore_eos": True})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert len(tokens) == 8  # every generated token's logprob, streamed with the text
+    raw = client.completions.create(model=MODEL, prompt="once upon a time", max_tokens=3, temperature=0,
+                                    extra_body={"ignore_eos": True})  # any first token, no template
+    assert raw.usage.completion_tokens == 3 and raw.choices[0].finish_reason == "length"
+
+
+def test_metrics_carry_vllm_engine_metrics_per_model(server):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    resp = httpx.get(f"{server}/metrics", timeout=60)
+    assert resp.status_code == 200, resp.text
+    fams = {f.name: f for f in text_string_to_metric_families(resp.text)}
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:time_to_first_token_seconds", "vllm:generation_tokens", "vllm:prompt_tokens"):
+        assert name in fams, sorted(fams)
+        assert {s.labels.get("model_name") for s in fams[name].samples} == {MODEL}, name
+        assert all(s.labels.get("replica") for s in fams[name].samples)
+    generated = sum(s.value for s in fams["vllm:generation_tokens"].samples)
+    assert generated > 0
 
 
 def test_replica_stop_ends_the_vllm_engine_core(client):

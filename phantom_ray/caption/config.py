@@ -31,7 +31,7 @@ class CaptionConfig(Config):
     image_column: str | None = None      # manifest column holding the image URI (default: detected)
     sampling: SamplingParams = SamplingParams(max_tokens=128)
     engine: Literal["auto", "torch", "vllm"] = "auto"
-    batch_size: int = 8                  # images per generate call
+    batch_size: int = 8                  # images per generate call (torch); vllm: >= 256 in flight per chunk
     min_replicas: int = 1                # autoscaling actor pool bounds
     max_replicas: int | None = None      # None: what the cluster can grow to (phantom_ray.runtime.max_replicas)
     num_gpus: float | None = None        # per replica; fractional shares a GPU; None: 1 if the cluster has GPUs

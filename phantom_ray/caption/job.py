@@ -15,7 +15,7 @@ from typing import Any, Callable
 from phantom_ray import storage
 from phantom_ray.caption.config import CaptionConfig
 from phantom_ray.caption.plan import make_plan, output_shards, shard_name
-from phantom_ray.caption.stage import ChunkCaptioner
+from phantom_ray.caption.stage import ChunkCaptioner, actor_pool
 from phantom_ray.loader import is_preset
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,6 @@ def run_caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = Non
     """Caption every row of ``cfg.input`` not yet in ``cfg.output``; returns (and writes) the summary.
     ``on_chunk(i)`` is called on the driver as each chunk's counts come back."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     from phantom_ray.runtime import init_ray, resolve_num_gpus
 
@@ -120,7 +119,7 @@ def run_caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = Non
         threads = max(1, int(cfg.num_cpus)) if num_gpus == 0 else None
         replicas = replica_bounds(cfg, num_gpus, len(pending))
         ds = ds.map_batches(
-            ChunkCaptioner, batch_size=1, compute=ActorPoolStrategy(min_size=replicas[0], max_size=replicas[1]),
+            ChunkCaptioner, batch_size=1, compute=actor_pool(engine, replicas[0], replicas[1]),
             num_gpus=num_gpus, num_cpus=cfg.num_cpus,
             fn_constructor_kwargs={"job": job, "num_gpus": num_gpus, "torch_threads": threads},
             runtime_env=storage.storage_runtime_env())  # S3 settings reach the actors through Ray

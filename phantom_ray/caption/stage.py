@@ -2,6 +2,17 @@
 actor pool. Each actor holds one engine (``load_engine(model, backend=...)``); per chunk id it reads
 the chunk's plan rows, fetches and opens their images on I/O threads ahead of the model, generates,
 and writes the chunk's shard itself in one atomic PUT/rename. Only counts go back to the driver.
+
+How the engine is fed: the torch engine takes ``batch_size`` images per ``generate`` call (its
+batches are the unit of parallelism). The vllm engine batches continuously, so it gets each request
+as soon as its image is open (``VLLMEngine.submit``), up to :data:`VLLM_IN_FLIGHT` per chunk (or
+``batch_size`` if larger), and each actor works on :data:`VLLM_CHUNKS_PER_ACTOR` chunks at once
+(Ray Data's ``max_concurrent_calls_per_actor``): while one chunk's shard is written and the next
+plan read, the other's requests keep vLLM busy. Why not ``ray.data.llm``'s vLLM stage: its rows
+come back as a dataset to write, where ours must stay one chunk = one shard written once by the
+actor that captioned it (exactly-once resume), error rows must carry our ingest reason codes for
+images vLLM never sees, and the manifest's columns pass through untouched; its engine stage gives
+nothing this does not (it is the same AsyncLLM with requests in flight).
 """
 
 from __future__ import annotations
@@ -10,7 +21,7 @@ import collections
 import io
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 
 from phantom_ray import storage
@@ -21,6 +32,8 @@ from phantom_ray.infer.api import Request, SamplingParams
 from phantom_ray.ingest import DEFAULT_LIMITS, ImageLimits, InputError, load_image
 
 METADATA_KEY = b"phantom_ray.caption"
+VLLM_IN_FLIGHT = 256         # requests in flight per chunk on the vllm engine (bounds images held open)
+VLLM_CHUNKS_PER_ACTOR = 2    # chunks one vllm replica works on at once
 
 
 def _added_arrays(n: int):
@@ -130,7 +143,7 @@ class ChunkCaptioner:
         def load(j: int):  # the one image-ingest function: read, then byte/pixel/aspect/format limits
             return load_image(uris[j], None, self.limits)
 
-        # images are fetched and opened on I/O threads, up to two batches ahead of the model
+        # images are fetched and opened on I/O threads ahead of the model
         futures: dict[int, Any] = {}
         submitted = 0
 
@@ -139,34 +152,57 @@ class ChunkCaptioner:
                 futures[j] = self.pool.submit(load, j)
             return max(submitted, min(n, k))
 
-        submitted = submit_upto(3 * bs)
+        def record(j: int, g) -> None:
+            added["caption"][j] = g.text.strip() if g.text is not None else None  # the answer, unpadded
+            added["prompt_tokens"][j] = g.prompt_tokens
+            added["generated_tokens"][j] = g.completion_tokens
+            added["finish_reason"][j] = g.finish_reason
+            added["latency_s"][j] = g.latency_s
+            added["error"][j] = row_reason(g.error) if g.error else None
+            added["error_detail"][j] = g.error_detail
 
-        for start in range(0, n, bs):
-            idx, reqs = [], []
-            for j in range(start, min(n, start + bs)):
-                fut = futures.pop(j)
-                prompt = added["prompt"][j]
-                try:
-                    img = fut.result()
-                except InputError as exc:
-                    added["error"][j], added["error_detail"][j] = row_reason(exc.reason), exc.detail
-                    continue
-                if not prompt:
-                    added["error"][j] = "missing_prompt"
-                    added["error_detail"][j] = f"row {j} of chunk {i}: column {pcol!r} is empty or not text"
-                    continue
-                idx.append(j)
-                reqs.append(Request.user(prompt, images=[img], params=self.sampling, key=uris[j]))
-            submitted = submit_upto(start + 4 * bs)
-            if reqs:
-                for j, g in zip(idx, self.engine.generate(reqs)):
-                    added["caption"][j] = g.text.strip() if g.text is not None else None  # the answer, unpadded
-                    added["prompt_tokens"][j] = g.prompt_tokens
-                    added["generated_tokens"][j] = g.completion_tokens
-                    added["finish_reason"][j] = g.finish_reason
-                    added["latency_s"][j] = g.latency_s
-                    added["error"][j] = row_reason(g.error) if g.error else None
-                    added["error_detail"][j] = g.error_detail
+        def request(j: int):
+            """Row j's request, or None with its error recorded."""
+            prompt = added["prompt"][j]
+            try:
+                img = futures.pop(j).result()
+            except InputError as exc:
+                added["error"][j], added["error_detail"][j] = row_reason(exc.reason), exc.detail
+                return None
+            if not prompt:
+                added["error"][j] = "missing_prompt"
+                added["error_detail"][j] = f"row {j} of chunk {i}: column {pcol!r} is empty or not text"
+                return None
+            return Request.user(prompt, images=[img], params=self.sampling, key=uris[j])
+
+        if hasattr(self.engine, "submit"):  # continuous batching: every open image goes straight in
+            window = max(bs, VLLM_IN_FLIGHT)
+            submitted = submit_upto(window)
+            running: dict[Any, int] = {}
+            for j in range(n):
+                if len(running) >= window:  # wait for one to finish before opening more images
+                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    for f in done:
+                        record(running.pop(f), f.result())
+                req = request(j)
+                submitted = submit_upto(j + 1 + window)
+                if req is not None:
+                    running[self.engine.submit(req)] = j
+            for f, j in running.items():
+                record(j, f.result())
+        else:  # batches of bs, images opened up to two batches ahead of the model
+            submitted = submit_upto(3 * bs)
+            for start in range(0, n, bs):
+                idx, reqs = [], []
+                for j in range(start, min(n, start + bs)):
+                    req = request(j)
+                    if req is not None:
+                        idx.append(j)
+                        reqs.append(req)
+                submitted = submit_upto(start + 4 * bs)
+                if reqs:
+                    for j, g in zip(idx, self.engine.generate(reqs)):
+                        record(j, g)
         for j in range(n):
             if added["error"][j] is not None:
                 added["caption"][j] = None
@@ -180,4 +216,15 @@ class ChunkCaptioner:
 
 
 
-__all__ = ["ChunkCaptioner", "load_caption_engine", "METADATA_KEY"]
+def actor_pool(engine: str, min_size: int, max_size: int, calls_per_actor: int = VLLM_CHUNKS_PER_ACTOR):
+    """The autoscaling actor pool of captioning (and eval) replicas: on vllm, each actor takes
+    ``calls_per_actor`` calls at once (they feed one engine; see the module docstring)."""
+    from ray.data import ActorPoolStrategy
+
+    if engine == "vllm":
+        return ActorPoolStrategy(min_size=min_size, max_size=max_size,
+                                 max_concurrent_calls_per_actor=calls_per_actor, enable_true_multi_threading=True)
+    return ActorPoolStrategy(min_size=min_size, max_size=max_size)
+
+
+__all__ = ["ChunkCaptioner", "actor_pool", "load_caption_engine", "METADATA_KEY"]

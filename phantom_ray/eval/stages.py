@@ -11,10 +11,13 @@ import math
 from dataclasses import dataclass
 
 from phantom_ray import storage
+from phantom_ray.caption.stage import actor_pool
 from phantom_ray.errors import clean_detail, row_reason
 from phantom_ray.infer.api import Generation, SamplingParams
 
 DECODE_MEMORY_BYTES = 512 * 1024 * 1024  # reserved per decode task (an 8K x 8K RGB image is 200 MB decoded)
+VLLM_MIN_BATCH = 64          # rows per vllm actor call (each row a request submitted at once)
+VLLM_BATCHES_PER_ACTOR = 4   # calls one vllm actor works on at once: 256 requests in flight
 
 
 def load_processor(model_id: str, max_length: int, max_pixels: int | None):
@@ -148,7 +151,9 @@ class Captioner:
 class VLLMCaptioner:
     """map_batches callable class for the ``vllm`` engine: vLLM preprocesses images itself (the same
     tiling as our processor), so its actors take the raw rows (image bytes or URI + prompt) instead of
-    the decode stage's pixel values, and generate each batch in one ``vllm.LLM`` call."""
+    the decode stage's pixel values. Each batch's requests go into the actor's async engine at once
+    (``VLLMEngine.submit``) and the actor takes :data:`VLLM_BATCHES_PER_ACTOR` batches at a time, so
+    vLLM's continuous batching sees several batches' requests in flight, not one blocking call's."""
 
     def __init__(self, model_id: str, generation: dict, batch_size: int, dtype: str = "auto", seed: int = 0,
                  max_length: int = 4096, max_pixels: int | None = None,
@@ -185,8 +190,8 @@ class VLLMCaptioner:
             reqs.append(Request.user(r["prompt"], images=[data] if data is not None else [], params=params,
                                      key=r["key"]))
             idx.append(i)
-        for i, g in zip(idx, self.engine.generate(reqs)):
-            results[i] = g
+        for i, fut in zip(idx, [self.engine.submit(r) for r in reqs]):
+            results[i] = fut.result()
         out = [{"key": r["key"], "shard": r.get("shard"), "caption": g.text.strip() if g.text is not None else None,
                 "num_tiles": g.num_tiles, "generated_tokens": g.completion_tokens, "finish_reason": g.finish_reason,
                 "error": g.error, "error_detail": g.error_detail} for r, g in zip(rows, results)]
@@ -227,13 +232,15 @@ def build_generation_dataset(rows: list[dict], opts: StageOptions):
     init_ray(log_to_driver=False)
     num_gpus = resolve_num_gpus(opts.num_gpus)
     runtime_env = storage.storage_runtime_env()  # S3 settings reach tasks and actors through Ray
-    blocks = max(1, min(len(rows), math.ceil(len(rows) / opts.batch_size)))
+    # vllm: larger batches, several per actor at once (continuous batching wants requests in flight)
+    batch_size = max(opts.batch_size, VLLM_MIN_BATCH) if opts.engine == "vllm" else opts.batch_size
+    blocks = max(1, min(len(rows), math.ceil(len(rows) / batch_size)))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the caller shows its own
     if opts.engine == "vllm":  # one stage: vLLM opens and tiles the images in its actors
         return ds.map_batches(
-            VLLMCaptioner, batch_format="pyarrow", batch_size=opts.batch_size,
-            compute=ActorPoolStrategy(min_size=opts.min_replicas, max_size=opts.max_replicas),
+            VLLMCaptioner, batch_format="pyarrow", batch_size=batch_size,
+            compute=actor_pool("vllm", opts.min_replicas, opts.max_replicas, VLLM_BATCHES_PER_ACTOR),
             num_gpus=num_gpus, num_cpus=opts.num_cpus,
             fn_constructor_kwargs={"model_id": opts.model, "generation": opts.generation.to_dict(),
                                    "batch_size": opts.batch_size, "dtype": opts.dtype, "seed": opts.seed,

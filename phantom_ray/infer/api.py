@@ -31,6 +31,8 @@ class SamplingParams:
     ignore_eos: bool = False
     num_beams: int = 1                # > 1: beam search (torch backend; deterministic)
     length_penalty: float = 1.0       # beam search: score = sum logprob / length ** length_penalty
+    logprobs: int | None = None       # None: off; k >= 0: each generated token's logprob and its top k (vllm)
+    json_schema: str | None = None    # a JSON schema (JSON text): the answer is JSON that validates (vllm)
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -45,6 +47,8 @@ class SamplingParams:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.num_beams > 1 and self.temperature > 0:
             raise ValueError("num_beams > 1 is beam search (deterministic); use temperature 0 with it")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
         if isinstance(self.stop, (list, str)):
             object.__setattr__(self, "stop", tuple([self.stop] if isinstance(self.stop, str) else self.stop))
 
@@ -85,6 +89,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     system: str | None = None                 # None: the family's default system prompt
     key: str = ""                             # names the request: seeds sampling, labels errors
+    prompt: str | None = None                 # a raw completion prompt (no chat template; messages unused)
 
     @classmethod
     def user(cls, text: str, images: Sequence[Any] = (), **kw) -> "Request":
@@ -119,6 +124,9 @@ class Event:
     status: int = 0                    # error: the HTTP status it maps to (400, 413, 500, ...)
     code: str | None = None            # error: short reason code
     message: str | None = None         # error: one line for the user
+    # params.logprobs set: one entry per generated token since the previous event,
+    # {"token_id", "token", "logprob", "top_logprobs": [{"token_id", "token", "logprob"}, ...]}
+    logprobs: list[dict] | None = None
 
 
 @runtime_checkable

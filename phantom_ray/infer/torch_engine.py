@@ -48,6 +48,7 @@ import torch
 from phantom_ray.infer.api import Event, Generation, Request, SamplingParams
 from phantom_ray.infer.core import NullMetrics, TextStream, error_event, error_generation
 from phantom_ray.processing import ProcessingError, Sample
+from phantom_ray.processing.errors import SampleError
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,19 @@ class TorchEngine:
         return str(self.model.dtype).replace("torch.", "")
 
     # ---- preprocessing -----------------------------------------------------------------------------
+    # request features of vLLM's that this engine does not have: refused per request, never ignored
+    UNSUPPORTED = {"logprobs": lambda p: p.logprobs is not None,
+                   "response_format": lambda p: p.json_schema is not None}
+
     def prepare(self, request: Request) -> Sample:
         """Request -> generation prompt Sample (labels None); raises ProcessingError."""
+        refused = [name for name, asks in self.UNSUPPORTED.items() if asks(request.params)]
+        if refused:
+            raise SampleError("unsupported_parameter",
+                              f"{' and '.join(refused)} {'is' if len(refused) == 1 else 'are'} not supported by the "
+                              f"torch engine; serve this model on engine vllm for it")
+        if request.prompt is not None:
+            return self.processor.encode_raw(request.prompt)
         sample = self.processor.encode(request.messages, images=list(request.images) or None,
                                        system=request.system, add_generation_prompt=True)
         sample.labels = None

@@ -25,6 +25,7 @@ from phantom_ray.processing.errors import SampleError
 from phantom_ray.processing.images import (
     DEFAULT_MAX_ASPECT_RATIO,
     DEFAULT_MAX_PIXELS,
+    choose_grid,
     load_image,
     tile_pixel_values,
 )
@@ -285,8 +286,9 @@ class PhantomProcessor:
         return "".join(out)
 
     # ---- images ----------------------------------------------------------------------------------
-    def process_images(self, images) -> tuple[torch.Tensor | None, list[int]]:
-        """Load and tile images -> (pixel_values (T,3,S,S), tiles per image)."""
+    def process_images(self, images, with_pixels: bool = True) -> tuple[torch.Tensor | None, list[int]]:
+        """Load and tile images -> (pixel_values (T,3,S,S), tiles per image). ``with_pixels=False``:
+        the tile counts only (pixel_values None), for an engine that tiles the images itself."""
         if images is None:
             return None, []
         if not isinstance(images, (list, tuple)):
@@ -294,11 +296,15 @@ class PhantomProcessor:
         tensors, counts = [], []
         for src in images:
             img = load_image(src, max_pixels=self.max_pixels, max_aspect_ratio=self.max_aspect_ratio)
+            if not with_pixels:
+                i, j = choose_grid(*img.size, self.image_size, self.min_tiles, self.max_tiles)
+                counts.append(i * j + int(self.use_thumbnail and i * j != 1))
+                continue
             pv = tile_pixel_values(img, self.image_size, self.min_tiles, self.max_tiles, self.use_thumbnail)
             tensors.append(pv)
             counts.append(int(pv.shape[0]))
         if not tensors:
-            return None, []
+            return None, counts
         return (tensors[0] if len(tensors) == 1 else torch.cat(tensors, 0)), counts
 
     # ---- tokenization ----------------------------------------------------------------------------
@@ -402,7 +408,8 @@ class PhantomProcessor:
             truncated_tokens=truncated,
         )
 
-    def encode(self, messages, images=None, system: str | None = None, add_generation_prompt: bool = False) -> Sample:
+    def encode(self, messages, images=None, system: str | None = None, add_generation_prompt: bool = False,
+               with_pixels: bool = True) -> Sample:
         """A conversation (OpenAI-like role/content dicts, ``<image>`` placeholders in user turns)
         and its images -> Sample. Every assistant answer and its end token are supervised.
         Content may also be an OpenAI-style list of text and image parts (see split_content_parts)."""
@@ -411,8 +418,21 @@ class PhantomProcessor:
             if images is not None:
                 raise SampleError("malformed_conversation", "images given both as content parts and as images=")
             images = part_images
-        pixel_values, num_tiles = self.process_images(images)
+        pixel_values, num_tiles = self.process_images(images, with_pixels=with_pixels)
         return self._encode(messages, system, add_generation_prompt, pixel_values, num_tiles)
+
+    def encode_raw(self, text: str) -> Sample:
+        """A raw completion prompt (``/v1/completions``): the text tokenized as it is, no chat
+        template and no BOS added; special-token text (``<|im_start|>``) becomes its token, so the
+        text of a rendered chat (:meth:`build_prompt`) gives that chat's own prompt ids. Text only."""
+        if not text:
+            raise SampleError("empty_prompt", "the prompt is empty")
+        ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+        if self._reserved_ids.intersection(ids):
+            raise SampleError("reserved_token_in_text", "a completion prompt is text only: it must not contain the "
+                              "image marker tokens (<img>, <IMG_CONTEXT>, </img>); send images as a chat")
+        ids, _, _ = self._apply_length_policy(ids, ids, [], generation=True)
+        return Sample(input_ids=torch.tensor(ids, dtype=torch.long), labels=None)
 
     def encode_prompt(self, question: str, images=None, system: str | None = None) -> Sample:
         """Single-turn generation prompt (labels None), as the reference's inference prompt."""

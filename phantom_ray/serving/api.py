@@ -4,10 +4,12 @@
 name, anything with ``stream(payload) -> async iterator of engine events``). The Serve ingress
 (``phantom_ray.serving.app``) plugs in Ray deployment handles; tests can plug in in-process workers.
 
-Routes: ``POST /v1/chat/completions`` (JSON or server-sent events), ``GET /v1/models``,
-``GET /v1/models/{model}``, ``GET /health``. Every error is OpenAI's error JSON. With API keys
-configured, ``/v1/*`` needs ``Authorization: Bearer <key>``; keys are compared in constant time and
-never logged.
+Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (a raw prompt, no chat
+template; both JSON or server-sent events, ``n`` choices), ``GET /v1/models``,
+``GET /v1/models/{model}``, ``GET /metrics`` (Prometheus text: every replica's engine metrics,
+labelled per model), ``GET /health``. Every error is OpenAI's error JSON. With API keys configured,
+``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>`` (Prometheus: the scrape job's
+``authorization``); keys are compared in constant time and never logged.
 
 Defaults follow OpenAI's: ``temperature`` 1.0 (sampling; send 0 for greedy, batch-invariant answers),
 ``top_p`` 1.0, ``max_tokens`` the model's ``default_max_tokens``. ``ignore_eos`` (vLLM's extension)
@@ -25,13 +27,14 @@ from typing import AsyncIterator, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phantom_ray.serving.config import ServeArgs
-from phantom_ray.serving.protocol import (APIError, ChatCompletionRequest, ImagePolicy, max_prompt_chars,
-                                          reject_unsupported, to_payload, validation_message)
+from phantom_ray.serving.protocol import (APIError, ChatCompletionRequest, CompletionRequest, ImagePolicy,
+                                          completion_payload, max_prompt_chars, reject_unsupported, to_payload,
+                                          validation_message)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ class Frontend:
     """Request policy and routing of one application (shared by all ingress replicas)."""
 
     def __init__(self, args: ServeArgs, backends: dict[str, Backend], api_keys: list[str] | None = None,
-                 on_response=None):
+                 on_response=None, metrics=None):
         missing = sorted({m.name for m in args.models} - set(backends))
         if missing:
             raise ValueError(f"no backend for models {missing}")
@@ -59,6 +62,7 @@ class Frontend:
         self.max_body_bytes = args.max_request_bytes or largest_request_bytes(args)
         self.created = int(time.time())
         self.on_response = on_response  # (path, status) after every HTTP response, for metrics
+        self.metrics = metrics  # async () -> Prometheus text of every model replica (GET /metrics)
 
     def check_auth(self, request: Request) -> None:
         if not self.api_keys:
@@ -170,8 +174,7 @@ def create_api(frontend: Frontend) -> FastAPI:
             raise APIError(404, f"the model {model!r} does not exist", "model_not_found", "model")
         return frontend.model_card(model)
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def _body(request: Request, request_model):
         frontend.check_auth(request)
         if not _is_json(request.headers.get("content-type", "")):
             raise APIError(415, f"Content-Type must be application/json, got "
@@ -183,27 +186,46 @@ def create_api(frontend: Frontend) -> FastAPI:
             raise APIError(400, f"request body is not valid JSON: {exc}", "invalid_json") from exc
         if not isinstance(body, dict):
             raise APIError(400, "request body must be a JSON object", "invalid_json")
-        body = reject_unsupported(body)
+        body = reject_unsupported(body, request_model)
         try:
-            req = ChatCompletionRequest.model_validate(body)
+            req = request_model.model_validate(body)
         except ValidationError as exc:
             msg, param = validation_message(exc)
             raise APIError(400, msg, "invalid_request", param) from exc
         if req.model not in frontend.backends:
             raise APIError(404, f"the model {req.model!r} does not exist; see GET /v1/models",
                            "model_not_found", "model")
-        spec = frontend.args.model(req.model)
-        payload = await to_payload(req, frontend.policy, spec.max_tokens_limit, spec.default_max_tokens,
-                                   spec.max_prompt_tokens)
+        return req, frontend.args.model(req.model)
+
+    async def _answer(req, payload: dict, kind: str):
         first, events = await _first_event(frontend, req.model, payload)
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
+        shape = _Shape(kind, f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()),
+                       req.model, req.n, payload.get("logprobs") is not None)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(rid, created, req.model, first, events, include_usage),
-                                     media_type="text/event-stream",
+            return StreamingResponse(_sse(shape, first, events, include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(rid, created, req.model, first, events)
+        return await _complete(shape, first, events)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req, spec = await _body(request, ChatCompletionRequest)
+        payload = await to_payload(req, frontend.policy, spec.max_tokens_limit, spec.default_max_tokens,
+                                   spec.max_prompt_tokens)
+        return await _answer(req, payload, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req, spec = await _body(request, CompletionRequest)
+        payload = completion_payload(req, spec.max_tokens_limit, spec.default_max_tokens, spec.max_prompt_tokens)
+        return await _answer(req, payload, "text")
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        frontend.check_auth(request)
+        if frontend.metrics is None:
+            raise APIError(404, "this server exports no metrics", "not_found")
+        return PlainTextResponse(await frontend.metrics(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
 
@@ -214,54 +236,113 @@ async def _events(first: dict, rest) -> AsyncIterator[dict]:
         yield event
 
 
-async def _complete(rid: str, created: int, model: str, first: dict, rest) -> JSONResponse:
-    text: list[str] = []
+class _Shape:
+    """How one response is written: chat (``message``/``delta``) or text completion (``text``)."""
+
+    def __init__(self, kind: str, rid: str, created: int, model: str, n: int, with_logprobs: bool):
+        self.kind, self.rid, self.created, self.model, self.n = kind, rid, created, model, n
+        self.with_logprobs = with_logprobs
+        self.object = "chat.completion" if kind == "chat" else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if kind == "chat" else "text_completion"
+
+    def logprobs(self, entries: list[dict] | None):
+        """Engine logprob entries -> OpenAI's ``logprobs`` of a choice (chat: ``content`` list;
+        completions: the legacy parallel lists)."""
+        if entries is None:
+            return None
+        if self.kind == "chat":
+            return {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode()),
+                                 "top_logprobs": [{"token": t["token"], "logprob": t["logprob"],
+                                                   "bytes": list(t["token"].encode())} for t in e["top_logprobs"]]}
+                                for e in entries], "refusal": None}
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                "text_offset": None}
+
+    def choice(self, index: int, text: str, finish_reason: str | None, entries: list[dict] | None) -> dict:
+        body = {"index": index}
+        if self.kind == "chat":
+            body["message"] = {"role": "assistant", "content": text}
+        else:
+            body["text"] = text
+        body["logprobs"] = self.logprobs(entries)
+        body["finish_reason"] = finish_reason
+        return body
+
+    def chunk(self, choices: list[dict], usage=None) -> str:
+        body = {"id": self.rid, "object": self.chunk_object, "created": self.created, "model": self.model,
+                "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    def delta(self, index: int, text: str | None, finish_reason: str | None, entries=None, role: bool = False) -> dict:
+        body: dict = {"index": index}
+        if self.kind == "chat":
+            body["delta"] = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+        else:
+            body["text"] = text or ""
+        body["logprobs"] = self.logprobs(entries) if entries else None
+        body["finish_reason"] = finish_reason
+        return body
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _complete(shape: _Shape, first: dict, rest) -> JSONResponse:
+    text: dict[int, list[str]] = {i: [] for i in range(shape.n)}
+    entries: dict[int, list[dict] | None] = {i: [] if shape.with_logprobs else None for i in range(shape.n)}
+    done: dict[int, dict] = {}
     async for event in _events(first, rest):
-        if event["type"] == "delta":
-            text.append(event["text"])
-        elif event["type"] == "error":
+        if event["type"] == "error":
             raise _event_error(event)
+        i = int(event.get("index", 0))
+        if event.get("logprobs") and entries[i] is not None:
+            entries[i] += event["logprobs"]
+        if event["type"] == "delta":
+            text[i].append(event["text"])
         elif event["type"] == "done":
-            usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
-                     "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
-            return JSONResponse({
-                "id": rid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                             "logprobs": None, "finish_reason": event["finish_reason"]}],
-                "usage": usage,
-            })
-    raise APIError(500, "the model replica ended the request without finishing it", "incomplete_response")
+            done[i] = event
+            if len(done) == shape.n:
+                break
+    if len(done) < shape.n:
+        raise APIError(500, "the model replica ended the request without finishing it", "incomplete_response")
+    prompt_tokens = done[0]["prompt_tokens"]
+    return JSONResponse({
+        "id": shape.rid, "object": shape.object, "created": shape.created, "model": shape.model,
+        "choices": [shape.choice(i, "".join(text[i]), done[i]["finish_reason"], entries[i]) for i in range(shape.n)],
+        "usage": _usage(prompt_tokens, sum(d["completion_tokens"] for d in done.values())),
+    })
 
 
-def _chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None, usage=None) -> str:
-    choices = [] if usage is not None else [
-        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices}
-    if usage is not None:
-        body["usage"] = usage
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-
-async def _sse(rid: str, created: int, model: str, first: dict, rest, include_usage: bool) -> AsyncIterator[str]:
-    yield _chunk(rid, created, model, {"role": "assistant", "content": ""}, None)
+async def _sse(shape: _Shape, first: dict, rest, include_usage: bool) -> AsyncIterator[str]:
+    if shape.kind == "chat":
+        yield shape.chunk([shape.delta(i, None, None, role=True) for i in range(shape.n)])
+    done: dict[int, dict] = {}
     try:
         async for event in _events(first, rest):
-            if event["type"] == "delta":
-                yield _chunk(rid, created, model, {"content": event["text"]}, None)
-            elif event["type"] == "done":
-                yield _chunk(rid, created, model, {}, event["finish_reason"])
-                if include_usage:
-                    usage = {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
-                             "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
-                    yield _chunk(rid, created, model, {}, None, usage=usage)
-                break
-            elif event["type"] == "error":
+            if event["type"] == "error":
                 yield f"data: {json.dumps(_event_error(event).body())}\n\n"
                 break
+            i = int(event.get("index", 0))
+            if event["type"] == "delta":
+                yield shape.chunk([shape.delta(i, event["text"], None, event.get("logprobs"))])
+            elif event["type"] == "done":
+                done[i] = event
+                yield shape.chunk([shape.delta(i, "" if shape.kind == "text" else None, event["finish_reason"],
+                                               event.get("logprobs"))])
+                if len(done) == shape.n:
+                    if include_usage:
+                        yield shape.chunk([], usage=_usage(done[0]["prompt_tokens"],
+                                                           sum(d["completion_tokens"] for d in done.values())))
+                    break
     except APIError as exc:  # raised by a backend mid-stream
         yield f"data: {json.dumps(exc.body())}\n\n"
     except Exception as exc:  # noqa: BLE001 - e.g. the replica died mid-answer: end the stream with an error
-        log.error("stream %s failed: %s: %s", rid, type(exc).__name__, exc)
+        log.error("stream %s failed: %s: %s", shape.rid, type(exc).__name__, exc)
         err = APIError(500, f"internal error ({type(exc).__name__}); see the server log", "internal_error")
         yield f"data: {json.dumps(err.body())}\n\n"
     yield "data: [DONE]\n\n"

@@ -15,12 +15,33 @@
 A model on ``engine: vllm`` holds vLLM's async engine (``phantom_ray.vllm.engine.VLLMEngine``) in
 its replica; vLLM's engine core runs in a child process of the replica actor, inherits the actor's
 environment (the application's and the model's ``runtime_env`` ``env_vars``) and is shut down when
-Serve stops the replica (``__del__``). Why our ingress over vLLM's async engine rather than
-``ray.serve.llm.build_openai_app``: that app serves vLLM's own OpenAI server, which would bypass our
-API keys, our image-URL allowlist with SSRF checks and our image/body/prompt limits (one set for
-every entry point, ``phantom_ray.ingest``), our error shapes, and Phantom's processor (our chat
-template and tiling build the prompt; vLLM gets token ids, so answers equal the torch engine's).
-Here vLLM is an engine behind the same ``Engine`` interface as torch, chosen per model.
+Serve stops the replica (``__del__``). Its concurrency is vLLM's own (``max_num_seqs``,
+``max_num_batched_tokens``, the KV-cache share; unset: vLLM's defaults for the device), bounded by
+what Serve hands the replica (``max_ongoing_requests``).
+
+The OpenAI surface vLLM has (``/v1/completions``, ``n``, ``logprobs``/``top_logprobs``,
+``response_format`` JSON schemas, ``seed``, ``/metrics`` with vLLM's engine metrics) is served by
+OUR ingress over vLLM's ``AsyncLLM`` features (``SamplingParams.logprobs``, ``structured_outputs``,
+per-request seeds, its ``PrometheusStatLogger``), not by ``ray.serve.llm``'s ``LLMServer`` behind a
+custom ingress, nor by vLLM's own OpenAI serving classes. Why:
+
+* one request path for both engines: the ingress validates a request once (API keys, the
+  image-URL allowlist with SSRF checks, body/image/prompt limits of ``phantom_ray.ingest``, our
+  error shapes, ``unsupported_parameter`` for what an engine cannot do) and the replica answers it
+  through the ``Engine`` interface, so the torch engine answers the same requests or refuses them
+  with a 400 naming the engine, and per-engine tests compare like with like;
+* Phantom's processor builds every prompt (chat template, tiling) and vLLM gets token ids: the vLLM
+  answer equals the torch engine's, greedy, for chats and raw prompts alike; ``LLMServer`` and
+  vLLM's serving classes render chats themselves and fetch image URLs themselves (outside our
+  allowlist, limits and SSRF checks), so every request field would have to be re-validated in
+  front of them anyway and two prompt builders kept equal;
+* ``LLMServer`` puts its own deployment, autoscaling and config (``LLMConfig``) in place of
+  ``ModelSpec``; our replicas keep one config, Serve's back-pressure (503) and per-model resources.
+  ``ray.serve.llm`` still serves our exports as they are (docs/vllm.md), for users who want it.
+
+``GET /metrics``: the ingress asks every replica of every model (``DeploymentHandle.broadcast``;
+a scrape is a control-plane call, seconds apart) for its Prometheus text and joins them with a
+``replica`` label (``phantom_ray.serving.metrics``).
 """
 
 from __future__ import annotations
@@ -55,6 +76,10 @@ class PhantomModelDeployment:
     def stats(self) -> dict:
         return self.worker.stats()
 
+    def metrics_text(self) -> tuple[str, str]:
+        """(this replica's id, its metrics in Prometheus' text format)."""
+        return serve.get_replica_context().replica_id.unique_id, self.worker.metrics_text()
+
     def __del__(self):
         # Serve calls this when it stops the replica (scale-down, redeploy, shutdown): the vLLM engine's
         # engine-core process is a child of this actor and must not outlive it holding the GPU/KV cache
@@ -69,6 +94,11 @@ class _HandleBackend:
     def __init__(self, name: str, handle: DeploymentHandle):
         self.name = name
         self.handle = handle.options(stream=True)
+        self.control = handle
+
+    async def metrics_texts(self) -> list[tuple[str, str]]:
+        """(replica id, Prometheus text) of every running replica of this model."""
+        return list(await self.control.broadcast("metrics_text").results_async())
 
     async def stream(self, payload: dict) -> AsyncIterator[dict]:
         try:
@@ -97,10 +127,20 @@ class PhantomIngress:
 
         self._http_requests = metrics.Counter("phantom_http_requests_total", description="HTTP responses",
                                               tag_keys=("route", "status"))
-        self.frontend = Frontend(self.args, backends, api_keys=keys, on_response=self._count)
+        self.backends = backends
+        self.frontend = Frontend(self.args, backends, api_keys=keys, on_response=self._count, metrics=self._metrics)
+
+    async def _metrics(self) -> str:
+        import asyncio
+
+        from phantom_ray.serving.metrics import merge_prometheus
+
+        per_model = await asyncio.gather(*(b.metrics_texts() for b in self.backends.values()))
+        return merge_prometheus([pair for texts in per_model for pair in texts])
 
     def _count(self, path: str, status: int) -> None:
-        route = path if path in ("/health", "/v1/models", "/v1/chat/completions") else "other"
+        route = path if path in ("/health", "/metrics", "/v1/models", "/v1/chat/completions",
+                                 "/v1/completions") else "other"
         self._http_requests.inc(tags={"route": route, "status": str(status)})
 
     def __serve_build_asgi_app__(self):

@@ -38,7 +38,8 @@ class ModelSpec(Config):
     # in each caller's handle, beyond that the API answers 503 (None: 2 x max_ongoing_requests, -1: unbounded)
     max_ongoing_requests: int = Field(16, ge=1)
     max_queued_requests: int | None = Field(None, ge=-1)
-    # dynamic batching inside a replica
+    # the torch engine's dynamic batching inside a replica (the vLLM engine batches continuously:
+    # its own max_num_seqs / max_num_batched_tokens below)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=10)
     # fixed replica count or Serve autoscaling (exactly one of them may be set)
@@ -57,6 +58,12 @@ class ModelSpec(Config):
                                               "engine reserves 512 MiB when neither this nor the fraction is set")
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1, description="vLLM: fraction of the GPU's "
                                                  "memory for weights + KV cache (of this replica's share)")
+    # vLLM's own concurrency settings (None: what vLLM picks for the device, e.g. 1024 sequences and
+    # 8192 batched tokens on an H100 for a server, 128 / 2048 on CPU). A replica also never holds
+    # more than max_ongoing_requests requests (x n choices), so size that to the sequences wanted.
+    max_num_seqs: int | None = Field(None, ge=1, description="vLLM: most sequences in one engine step")
+    max_num_batched_tokens: int | None = Field(None, ge=1, description="vLLM: most tokens (prefill + decode) "
+                                               "in one engine step")
     block_size: int | None = Field(None, ge=1, description="vLLM KV cache block size in tokens (CPU: a "
                                    "multiple of 32)")
     enable_prefix_caching: bool = True
@@ -93,6 +100,13 @@ class ModelSpec(Config):
     def _check_consistency(self) -> "ModelSpec":
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError(f"model {self.name!r}: set num_replicas or autoscaling_config, not both")
+        # set to anything but their defaults (a replica re-validates the full dump of its spec)
+        given = [f for f in ("max_batch_size", "batch_wait_timeout_s")
+                 if getattr(self, f) != type(self).model_fields[f].default]
+        if self.engine == "vllm" and given:
+            raise ValueError(f"model {self.name!r}: {', '.join(given)} only apply to engine torch (its dynamic "
+                             f"batching); the vllm engine batches continuously: set max_num_seqs / "
+                             f"max_num_batched_tokens (None: vLLM's defaults for the device)")
         if self.max_batch_size > self.max_ongoing_requests:
             raise ValueError(
                 f"model {self.name!r}: max_batch_size={self.max_batch_size} exceeds max_ongoing_requests="
@@ -104,7 +118,8 @@ class ModelSpec(Config):
             raise ValueError(f"model {self.name!r}: set kv_cache_memory_bytes or gpu_memory_utilization, not both")
         if self.engine == "torch":
             vllm_only = [f for f in ("max_model_len", "kv_cache_memory_bytes", "gpu_memory_utilization", "block_size",
-                                     "enforce_eager") if getattr(self, f) is not None]
+                                     "enforce_eager", "max_num_seqs", "max_num_batched_tokens")
+                         if getattr(self, f) is not None]
             if self.vllm_options:
                 vllm_only.append("vllm_options")
             if vllm_only:
@@ -129,8 +144,10 @@ class ModelSpec(Config):
         opts: dict[str, Any] = {
             "enable_prefix_caching": self.enable_prefix_caching,
             "vllm_options": dict(self.vllm_options),
+            "served_model_name": self.name,  # the model_name label of vLLM's metrics
         }
-        for f in ("max_model_len", "kv_cache_memory_bytes", "gpu_memory_utilization", "enforce_eager"):
+        for f in ("max_model_len", "kv_cache_memory_bytes", "gpu_memory_utilization", "enforce_eager", "max_num_seqs",
+                  "max_num_batched_tokens"):
             if getattr(self, f) is not None:
                 opts[f] = getattr(self, f)
         if self.block_size is not None:

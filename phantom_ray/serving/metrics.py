@@ -3,6 +3,12 @@
 ``ServingMetrics`` keeps running totals in the replica (returned by the deployment's ``stats()``) and,
 inside Ray, also records them as Ray Serve metrics (exported by Ray's Prometheus endpoint with the
 ``model`` tag), e.g. ``ray_phantom_requests_total{model="phantom-7b",status="ok"}``.
+
+``GET /metrics`` of the API (Prometheus text): every replica renders :meth:`ServingMetrics.prometheus_text`
+(our ``phantom_*`` totals and, on the vllm engine, vLLM's own engine metrics ``vllm:*``: running and
+waiting requests, KV-cache use, time to first token, prompt/generation token counters, ... each
+labelled ``model_name``), and :func:`merge_prometheus` joins the replicas' texts with a ``replica``
+label, one family per metric name.
 """
 
 from __future__ import annotations
@@ -88,6 +94,29 @@ class ServingMetrics:
         """A request refused before generation (bad image, prompt too long)."""
         self.finished(0.0, 0, 0.0, status)
 
+    def prometheus_text(self, engine_metrics: bool = False) -> str:
+        """Our totals as Prometheus families (``model_name`` label), plus vLLM's engine metrics of
+        this process (the async engine's ``PrometheusStatLogger``) when ``engine_metrics``."""
+        from prometheus_client import generate_latest
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        snap = self.snapshot()
+        label = ["model_name"]
+        requests = CounterMetricFamily("phantom_requests", "requests finished", labels=["model_name", "status"])
+        for status, count in snap["requests"].items():
+            requests.add_metric([self.model, status], count)
+        tokens = CounterMetricFamily("phantom_completion_tokens", "tokens generated", labels=label)
+        tokens.add_metric([self.model], snap["completion_tokens"])
+        ttft = GaugeMetricFamily("phantom_mean_time_to_first_token_seconds", "mean time to first token",
+                                 labels=label)
+        ttft.add_metric([self.model], snap["mean_ttft_s"])
+        families = [requests, tokens, ttft]
+        if engine_metrics:
+            from prometheus_client import REGISTRY
+
+            families += [f for f in REGISTRY.collect() if f.name.startswith("vllm:")]
+        return generate_latest(_Families(families)).decode()
+
     def snapshot(self) -> dict:
         with self._lock:
             n = sum(self.requests.values())
@@ -101,3 +130,34 @@ class ServingMetrics:
                 "mean_latency_s": self.latency_sum_s / n if n else 0.0,
                 "mean_ttft_s": self.ttft_sum_s / self.ttft_count if self.ttft_count else 0.0,
             }
+
+
+class _Families:
+    """A fixed list of metric families in the shape ``prometheus_client.generate_latest`` reads."""
+
+    def __init__(self, families):
+        self.families = list(families)
+
+    def collect(self):
+        return self.families
+
+
+def merge_prometheus(texts: list[tuple[str, str]]) -> str:
+    """Prometheus texts of several replicas, ``[(replica id, text)]``, as one text: every sample gets
+    a ``replica`` label and each metric name is one family (``*_created`` series are left out)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    merged: dict[str, object] = {}
+    for replica, text in sorted(texts):
+        for fam in text_string_to_metric_families(text):
+            if fam.name.endswith("_created"):
+                continue
+            samples = [s._replace(labels={**s.labels, "replica": replica})
+                       for s in fam.samples if not s.name.endswith("_created")]
+            if fam.name in merged:
+                merged[fam.name].samples.extend(samples)
+            else:
+                fam.samples = samples
+                merged[fam.name] = fam
+    return generate_latest(_Families(merged.values())).decode()

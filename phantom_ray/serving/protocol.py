@@ -10,10 +10,13 @@ of the application's ``allowed_image_url_prefixes``, fetched and decoded by the 
 time bounds; the same image limits as pack, caption and eval). Over-size images are 413, every
 other bad image or URL a 400 naming the reason.
 
-Parameters: every field of OpenAI's request that we honour is in :class:`ChatCompletionRequest`;
-a field we do not honour is a 400 (``unsupported_parameter``) unless its value asks for nothing
-(``n: 1``, ``logprobs: false``, ``response_format: {"type": "text"}``, ``null``, ...), so a client
-is never told 200 for something that was silently ignored.
+Parameters: every field of OpenAI's request that we honour is in :class:`ChatCompletionRequest`
+(``/v1/chat/completions``) or :class:`CompletionRequest` (``/v1/completions``: a raw prompt, no chat
+template); a field we do not honour is a 400 (``unsupported_parameter``) unless its value asks for
+nothing (``tools: []``, ``echo: false``, ``null``, ...), so a client is never told 200 for
+something that was silently ignored. ``n``, ``seed`` and ``stop`` work on every engine;
+``logprobs``/``top_logprobs`` and ``response_format`` (``json_object``, ``json_schema``) need the
+vllm engine: the torch engine answers them with a 400 naming the engine.
 """
 
 from __future__ import annotations
@@ -86,20 +89,48 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """The fields of OpenAI's chat completions request that Phantom honours (everything else is
-    refused by :func:`reject_unsupported` before this model sees the body)."""
+MAX_N = 16  # choices per request (each is a sequence in the engine)
+MAX_TOP_LOGPROBS = 20
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    def schema_text(self) -> str | None:
+        """The JSON schema the answer must validate against (None: free text)."""
+        import json
+
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return json.dumps({"type": "object"})
+        if self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema with a schema")
+        return json.dumps(self.json_schema.json_schema)
+
+
+class _SamplingFields(BaseModel):
+    """Fields both completions endpoints share."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # an end-user id for the caller's own abuse tracking; no effect on output
@@ -119,12 +150,43 @@ class ChatCompletionRequest(BaseModel):
         return stops
 
 
+class CompletionRequest(_SamplingFields):
+    """OpenAI's (legacy) completions request: a raw prompt, tokenized as it is (no chat template)."""
+
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # top k per token (the legacy API's int)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("send one prompt per request (a list of exactly one string)")
+            v = v[0]
+        if not v:
+            raise ValueError("the prompt is empty")
+        return v
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """The fields of OpenAI's chat completions request that Phantom honours (everything else is
+    refused by :func:`reject_unsupported` before this model sees the body)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def top_k_logprobs(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "invalid_request", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
 # OpenAI request fields we do not implement -> the values that ask for nothing (accepted, dropped).
 # Any other value (or any field not listed here nor in ChatCompletionRequest) is a 400.
 _NOOP_VALUES: dict[str, tuple] = {
-    "n": (1,),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
     "frequency_penalty": (0, 0.0),
     "presence_penalty": (0, 0.0),
     "logit_bias": ({},),
@@ -133,11 +195,14 @@ _NOOP_VALUES: dict[str, tuple] = {
     "functions": ([],),
     "function_call": ("none",),
     "parallel_tool_calls": (True, False),  # meaningless without tools, which are refused
-    "response_format": ({"type": "text"},),
     "modalities": (["text"],),
     "store": (False,),
     "metadata": ({},),
     "service_tier": ("auto", "default"),
+    # /v1/completions
+    "echo": (False,),
+    "suffix": ("",),
+    "best_of": (1,),
 }
 _MESSAGE_NOOP: dict[str, tuple] = {"tool_calls": ([],), "refusal": (), "function_call": (), "audio": ()}
 
@@ -148,10 +213,10 @@ def _is_noop(value, allowed: tuple) -> bool:
         and any(isinstance(a, (int, float)) and not isinstance(a, bool) and value == a for a in allowed))
 
 
-def reject_unsupported(body: dict) -> dict:
+def reject_unsupported(body: dict, request_model: type[BaseModel] = None) -> dict:
     """400 for every request field we would otherwise ignore; drops the no-op ones. Runs on the raw
     JSON before validation, so the message names the parameter instead of a pydantic error."""
-    honoured = set(ChatCompletionRequest.model_fields)
+    honoured = set((request_model or ChatCompletionRequest).model_fields)
     out = {}
     for key, value in body.items():
         if key in honoured:
@@ -159,8 +224,7 @@ def reject_unsupported(body: dict) -> dict:
         elif key in _NOOP_VALUES and _is_noop(value, _NOOP_VALUES[key]):
             continue
         else:
-            hint = " (only n=1 is supported)" if key == "n" else ""
-            raise APIError(400, f"parameter {key!r} is not supported by this server{hint}; remove it",
+            raise APIError(400, f"parameter {key!r} is not supported by this server; remove it",
                            "unsupported_parameter", key)
     msgs = out.get("messages")
     if isinstance(msgs, list):
@@ -308,18 +372,47 @@ async def to_payload(req: ChatCompletionRequest, policy: ImagePolicy, max_tokens
     if max_tokens > max_tokens_limit:
         raise APIError(400, f"max_tokens={max_tokens} is over this model's limit of {max_tokens_limit}",
                        "max_tokens_too_large", "max_tokens")
+    try:
+        schema = req.response_format.schema_text() if req.response_format is not None else None
+    except ValueError as exc:
+        raise APIError(400, str(exc), "invalid_request", "response_format") from None
+    top_k = req.top_k_logprobs()
     images = list(await asyncio.gather(*(load_image_bytes(u, policy, p) for u, p in image_urls)))
     return {
         "messages": messages,
         "system": "\n".join(system_parts) if system_parts else None,
         "images": images,
+        **_sampling(req, max_tokens),
+        "logprobs": top_k,
+        "json_schema": schema,
+    }
+
+
+def _sampling(req: _SamplingFields, max_tokens: int) -> dict:
+    return {
         "max_tokens": max_tokens,
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "top_p": 1.0 if req.top_p is None else req.top_p,
         "seed": req.seed,
         "stop": list(req.stop or []),
         "ignore_eos": req.ignore_eos,
+        "n": req.n,
     }
+
+
+def completion_payload(req: CompletionRequest, max_tokens_limit: int, default_max_tokens: int,
+                       max_prompt_tokens: int | None = None) -> dict:
+    """A validated completions request -> the replica payload (raw prompt, text only)."""
+    if max_prompt_tokens is not None and len(req.prompt) > max_prompt_chars(max_prompt_tokens):
+        raise APIError(400, f"the prompt has {len(req.prompt)} characters; this model takes at most "
+                            f"{max_prompt_tokens} tokens, which never holds more than "
+                            f"{max_prompt_chars(max_prompt_tokens)} characters", "prompt_exceeds_max_length", "prompt")
+    max_tokens = req.max_tokens or default_max_tokens
+    if max_tokens > max_tokens_limit:
+        raise APIError(400, f"max_tokens={max_tokens} is over this model's limit of {max_tokens_limit}",
+                       "max_tokens_too_large", "max_tokens")
+    return {"messages": [], "system": None, "images": [], "prompt": req.prompt, **_sampling(req, max_tokens),
+            "logprobs": req.logprobs, "json_schema": None}
 
 
 def _text_only(content, param: str) -> str:

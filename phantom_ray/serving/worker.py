@@ -9,15 +9,24 @@ Its input is the normalised request that the HTTP front builds (the dict
     {"messages": [{"role": "user"|"assistant", "content": "text with <image> placeholders"}],
      "system": str | None, "images": [encoded image bytes, one per placeholder],
      "max_tokens": int, "temperature": float, "top_p": float, "seed": int | None,
-     "stop": [str], "ignore_eos": bool}
+     "stop": [str], "ignore_eos": bool,
+     "n": int (choices, default 1), "logprobs": int | None (top k per token; None: off),
+     "json_schema": str | None (JSON schema text), "prompt": str | None (a raw completion prompt:
+     no template, ``messages`` empty)}
 
-and its output the engine's events as dicts: ``{"type": "delta", "text"}`` pieces, then one
-``{"type": "done", "finish_reason", "prompt_tokens", "completion_tokens"}`` or one
-``{"type": "error", "status", "code", "message"}``.
+and its output the engine's events as dicts, each with the ``index`` of its choice:
+``{"type": "delta", "text", "logprobs"?}`` pieces, then per choice one ``{"type": "done",
+"finish_reason", "prompt_tokens", "completion_tokens"}``, or one ``{"type": "error", "status",
+"code", "message"}`` that ends the whole request.
+
+``n > 1`` runs the n choices as n requests of the same engine, at once (they share batches; vLLM's
+prefix cache holds their common prompt once), each with its own sampling key: a seeded request
+gives the same n choices on every engine start, an unseeded one fresh ones.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -32,14 +41,48 @@ from phantom_ray.serving.metrics import ServingMetrics
 log = logging.getLogger(__name__)
 
 
-def event_dict(event: Event) -> dict:
+def event_dict(event: Event, index: int = 0) -> dict:
     """An engine event in the shape the HTTP front reads (and Serve streams between processes)."""
+    if event.type == "error":
+        return {"type": "error", "status": event.status, "code": event.code, "message": event.message}
     if event.type == "delta":
-        return {"type": "delta", "text": event.text}
-    if event.type == "done":
-        return {"type": "done", "finish_reason": event.finish_reason, "prompt_tokens": event.prompt_tokens,
-                "completion_tokens": event.completion_tokens}
-    return {"type": "error", "status": event.status, "code": event.code, "message": event.message}
+        out = {"type": "delta", "index": index, "text": event.text}
+    else:
+        out = {"type": "done", "index": index, "finish_reason": event.finish_reason,
+               "prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens}
+    if event.logprobs:
+        out["logprobs"] = event.logprobs
+    return out
+
+
+async def _merge(streams: list) -> AsyncIterator[tuple[int, Event]]:
+    """(index, event) of several event streams as they come; closing this closes them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, stream) -> None:
+        try:
+            async for event in stream:
+                await queue.put((i, event))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, end))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    running = len(tasks)
+    try:
+        while running:
+            i, item = await queue.get()
+            if item is end:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 class ModelWorker:
@@ -84,8 +127,9 @@ class ModelWorker:
         self.processor = getattr(self.engine, "processor", None)
         self.created = int(time.time())
 
-    def request(self, payload: dict) -> Request:
-        """The engine request of a payload; raises ValueError for out-of-range sampling settings."""
+    def request(self, payload: dict, index: int = 0) -> Request:
+        """The engine request of a payload (choice ``index``); raises ValueError for out-of-range
+        sampling settings."""
         max_tokens = payload.get("max_tokens") or self.spec.default_max_tokens
         seed = payload.get("seed")
         params = SamplingParams(
@@ -95,22 +139,41 @@ class ModelWorker:
             seed=seed,
             stop=tuple(payload.get("stop") or ()),
             ignore_eos=bool(payload.get("ignore_eos", False)),
+            logprobs=payload.get("logprobs"),
+            json_schema=payload.get("json_schema"),
         )
-        # a seeded request is reproducible from its seed alone (key ""); an unseeded one gets fresh
-        # randomness from a unique key
-        key = "" if seed is not None else uuid.uuid4().hex
-        return Request(messages=payload["messages"], images=list(payload.get("images") or []), params=params,
-                       system=payload.get("system"), key=key)
+        # a seeded request is reproducible from its seed alone (key "", or the choice's index);
+        # an unseeded one gets fresh randomness from a unique key
+        key = ("" if index == 0 else f"choice-{index}") if seed is not None else uuid.uuid4().hex
+        return Request(messages=list(payload.get("messages") or []), images=list(payload.get("images") or []),
+                       params=params, system=payload.get("system"), key=key, prompt=payload.get("prompt"))
 
     async def generate(self, payload: dict) -> AsyncIterator[dict]:
+        n = int(payload.get("n") or 1)
         try:
-            request = self.request(payload)
+            requests = [self.request(payload, i) for i in range(n)]
         except ValueError as exc:
             self.metrics.rejected("error")
             yield {"type": "error", "status": 400, "code": "invalid_request", "message": f"invalid request: {exc}"}
             return
-        async for event in self.engine.stream(request):
-            yield event_dict(event)
+        if n == 1:
+            async for event in self.engine.stream(requests[0]):
+                yield event_dict(event)
+            return
+        streams = [self.engine.stream(r) for r in requests]
+        merged = _merge(streams)
+        try:
+            async for i, event in merged:
+                yield event_dict(event, i)
+                if event.type == "error":  # the same prompt fails the same way in every choice
+                    return
+        finally:
+            await merged.aclose()
+
+    def metrics_text(self) -> str:
+        """This replica's metrics in Prometheus' text format: ours (``phantom_*``, every engine) and,
+        on the vllm engine, vLLM's own engine metrics (``vllm:*``), labelled with the model name."""
+        return self.metrics.prometheus_text(engine_metrics=getattr(self.engine, "backend", None) == "vllm")
 
     def stats(self) -> dict:
         return self.metrics.snapshot()

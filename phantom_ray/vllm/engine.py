@@ -18,8 +18,18 @@ by name through the registry in :mod:`phantom_ray.infer.api` (``"vllm":
   process, which registers the model through the ``vllm.general_plugins`` entry point: the
   package must be installed (``pip install -e .``), as ``make install`` does.
 
-An engine builds the sync engine on first ``generate`` and the async one on first ``stream``;
-serving uses only ``stream``, captioning and eval only ``generate``.
+An engine builds the sync engine on first ``generate`` and the async one on first ``stream`` or
+``submit``. Serving uses ``stream``; captioning and eval use :meth:`VLLMEngine.submit` (one request
+in, a future of its Generation out, from any thread), so a replica keeps hundreds of requests in
+flight in vLLM's continuous batching instead of one blocking ``generate`` per small batch; the async
+engine then lives on a background event-loop thread of the engine. ``generate`` (``vllm.LLM``) is
+the offline path (benchmarks, ``ask``).
+
+Beyond the torch engine: ``SamplingParams.logprobs`` (each token's logprob and its top k, on the
+events) and ``json_schema`` (vLLM's guided decoding, compact JSON). vLLM's engine metrics
+(Prometheus, labelled with ``served_model_name``) are recorded in the process that holds the async
+engine. Concurrency is vLLM's own (``max_num_seqs``, ``max_num_batched_tokens``; unset: vLLM's
+defaults for the device).
 
 Not supported (a clear error per request, never a different answer): beam search
 (``num_beams > 1``: use the torch engine). Any first token is served (phantom states per first
@@ -62,14 +72,18 @@ class VLLMEngine:
 
     @classmethod
     def load(cls, model_id: str, *, dtype: str | None = "auto", seed: int = 0, max_length: int = 4096,
-             max_pixels: int | None = None, max_model_len: int | None = None, max_batch_size: int | None = None,
-             max_num_seqs: int | None = None, gpu_memory_utilization: float | None = None,
+             max_pixels: int | None = None, max_model_len: int | None = None,
+             max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
+             served_model_name: str | None = None, gpu_memory_utilization: float | None = None,
              kv_cache_memory_bytes: int | None = None, enable_prefix_caching: bool = True,
              enforce_eager: bool | None = None, metrics=None, vllm_options: dict | None = None,
              **unused) -> "VLLMEngine":
         """``model_id``: a preset (random weights seeded by ``seed``, written once to the cache),
         a checkpoint directory, an ``s3://`` prefix or a hub id (see ``phantom_ray.loader``).
-        ``vllm_options`` go to vLLM's engine arguments unchanged."""
+        Concurrency is vLLM's own: ``max_num_seqs`` / ``max_num_batched_tokens`` None leave vLLM's
+        defaults for the device (the torch engine's ``max_batch_size`` does not apply and is ignored).
+        ``served_model_name`` labels vLLM's metrics (``model_name``). ``vllm_options`` go to vLLM's
+        engine arguments unchanged."""
         from phantom_ray.loader import default_device, load_processor, local_model_dir, resolve_dtype
 
         if unused:
@@ -89,8 +103,12 @@ class VLLMEngine:
             enable_prefix_caching=enable_prefix_caching,
             enforce_eager=(not on_gpu) if enforce_eager is None else enforce_eager,
         )
-        if max_num_seqs or max_batch_size:
-            args["max_num_seqs"] = int(max_num_seqs or max_batch_size)
+        if max_num_seqs is not None:
+            args["max_num_seqs"] = int(max_num_seqs)
+        if max_num_batched_tokens is not None:
+            args["max_num_batched_tokens"] = int(max_num_batched_tokens)
+        if served_model_name:
+            args["served_model_name"] = str(served_model_name)
         if kv_cache_memory_bytes is not None:
             args["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
         elif gpu_memory_utilization is not None:
@@ -99,6 +117,13 @@ class VLLMEngine:
             # on CPU the fraction is of host RAM, and the default 0.92 refuses to start next to
             # other processes: reserve a fixed KV cache instead
             args["kv_cache_memory_bytes"] = 512 * 2**20
+        if "structured_outputs_config" not in (vllm_options or {}):
+            from vllm.config import StructuredOutputsConfig
+
+            # JSON answers (response_format) are compact: no free whitespace between tokens, so a
+            # model cannot wander off into blank space before its answer closes (llguidance: the broadest
+            # JSON-schema coverage of the backends that can compact)
+            args["structured_outputs_config"] = StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True)
         args.update(vllm_options or {})
         return cls(d, processor, model_id=str(model_id), engine_args=args, metrics=metrics)
 
@@ -134,9 +159,15 @@ class VLLMEngine:
         if request.params.num_beams > 1:
             raise SampleError("unsupported_parameter",
                               "beam search (num_beams > 1) is not available on the vllm engine; use engine torch")
-        sample = self.processor.encode(request.messages, images=list(request.images) or None,
-                                       system=request.system, add_generation_prompt=True)
+        if request.prompt is not None:
+            sample = self.processor.encode_raw(request.prompt)
+        else:
+            # token ids and tile counts only: vLLM's multimodal processor tiles the images itself
+            sample = self.processor.encode(request.messages, images=list(request.images) or None,
+                                           system=request.system, add_generation_prompt=True, with_pixels=False)
         sample.labels = None
+        if request.params.json_schema is not None:
+            self._structured(request.params.json_schema)  # a schema vLLM cannot compile: this request's 400
         max_len = self.engine_args["max_model_len"]
         if len(sample) + request.params.max_tokens > max_len:
             raise SampleError("prompt_too_long",
@@ -149,17 +180,58 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
 
         stops = [] if params.ignore_eos else list(self.processor.stop_token_ids)
+        structured = self._structured(params.json_schema) if params.json_schema is not None else None
         return VSP(
             max_tokens=params.max_tokens,
             temperature=0.0 if params.greedy else params.temperature,
             top_p=params.top_p, top_k=params.top_k,
             seed=None if params.greedy else params.seed_for(key) % (2**31),
             stop=list(params.stop) or None,
-            # our stop tokens only (the tokenizer's eos may differ from the template's end token)
-            ignore_eos=True, stop_token_ids=stops,
+            # our stop tokens only (the tokenizer's eos may differ from the template's end token); a
+            # structured answer also ends at the eos its grammar allows once the JSON is complete
+            ignore_eos=params.ignore_eos if structured is not None else True, stop_token_ids=stops,
+            logprobs=params.logprobs, structured_outputs=structured,
             output_kind=RequestOutputKind.DELTA if delta else RequestOutputKind.FINAL_ONLY,
             detokenize=bool(params.stop),
         )
+
+    @staticmethod
+    def _structured(schema_text: str):
+        """vLLM's guided decoding for a JSON schema (compact JSON: the engine's
+        ``structured_outputs_config``, see :meth:`load`)."""
+        import json
+
+        from vllm.sampling_params import StructuredOutputsParams
+
+        try:
+            schema = json.loads(schema_text)
+        except json.JSONDecodeError as exc:
+            raise SampleError("invalid_json_schema", f"response_format schema is not JSON: {exc}") from None
+        if not isinstance(schema, dict):
+            raise SampleError("invalid_json_schema", "response_format schema must be a JSON object")
+        return StructuredOutputsParams(json=schema)
+
+    def _token_text(self, token_id: int) -> str:
+        cache = self.__dict__.setdefault("_token_texts", {})
+        text = cache.get(token_id)
+        if text is None:
+            text = cache[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def _logprob_entries(self, token_ids: Sequence[int], logprobs, k: int, stops: frozenset[int]) -> list[dict]:
+        """OpenAI-style entries of generated tokens (stop tokens left out, as they are of the text)."""
+        out = []
+        for tok, lps in zip(token_ids, logprobs or ()):
+            tok = int(tok)
+            if tok in stops:
+                continue
+            chosen = lps.get(tok)
+            top = sorted(lps.items(), key=lambda kv: kv[1].rank)[:k] if k else []
+            out.append({"token_id": tok, "token": self._token_text(tok),
+                        "logprob": float(chosen.logprob) if chosen is not None else float("nan"),
+                        "top_logprobs": [{"token_id": int(t), "token": self._token_text(int(t)),
+                                          "logprob": float(lp.logprob)} for t, lp in top]})
+        return out
 
     def text_stream(self, sample: Sample, params: SamplingParams, key: str, sink=None) -> TextStream:
         """The per-request text stream of a prepared prompt (see :mod:`phantom_ray.infer.core`)."""
@@ -191,6 +263,45 @@ class VLLMEngine:
                 out[i] = row.generation()
         return out  # type: ignore[return-value]
 
+    # ---- many requests in flight from synchronous callers (captioning, eval) -------------------------
+    def submit(self, request: Request):
+        """Start one request on the async engine; returns a ``concurrent.futures.Future`` of its
+        :class:`Generation` (an error Generation for a request that cannot be served). Thread-safe:
+        the requests of several callers share vLLM's batches."""
+        return asyncio.run_coroutine_threadsafe(self._complete(request), self._background_loop())
+
+    def _background_loop(self) -> asyncio.AbstractEventLoop:
+        import threading
+
+        with self.__dict__.setdefault("_loop_lock", threading.Lock()):
+            loop = self.__dict__.get("_loop")
+            if loop is None:
+                loop = self._loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="vllm-engine-loop", daemon=True).start()
+        return loop
+
+    async def _complete(self, request: Request) -> Generation:
+        try:
+            # tokenising and the image opening of vllm_prompt off the loop: other requests keep flowing
+            sample, prompt = await asyncio.to_thread(self._prepare_prompt, request)
+        except ProcessingError as exc:
+            return error_generation(exc)
+        engine = self._async_engine()
+        row = self.text_stream(sample, request.params, request.key or f"submit-{next(self._ids)}")
+        rid = f"phantom-{os.getpid()}-{next(self._ids)}"
+        final = None
+        async for res in engine.generate(prompt, self._vllm_params(row.params, row.key), rid):
+            final = res
+        out = final.outputs[0]
+        row.add_tokens(out.token_ids)
+        if not row.done:
+            row.finish("stop" if out.finish_reason == "stop" else "length")
+        return row.generation()
+
+    def _prepare_prompt(self, request: Request):
+        sample = self.prepare(request)
+        return sample, vllm_prompt(self.processor, sample, list(request.images))
+
     # ---- streaming ---------------------------------------------------------------------------------
     async def stream(self, request: Request) -> AsyncIterator[Event]:
         """Events of one request: ``delta`` pieces, then one ``done`` or one ``error``."""
@@ -206,14 +317,26 @@ class VLLMEngine:
         rid = f"phantom-{os.getpid()}-{next(self._ids)}"
         prompt = vllm_prompt(self.processor, sample, list(request.images))
         vllm_done = False
+        want_lp = request.params.logprobs
+        pending_lp: list[dict] = []
         try:
             async for res in engine.generate(prompt, self._vllm_params(row.params, row.key, delta=True), rid):
                 vllm_done = res.finished
-                row.add_tokens(res.outputs[0].token_ids)
+                out = res.outputs[0]
+                before = row.completion_tokens
+                row.add_tokens(out.token_ids)
+                if want_lp is not None:  # the tokens this request took (none past its own end)
+                    used = row.completion_tokens - before
+                    pending_lp += self._logprob_entries(out.token_ids[:used], (out.logprobs or [])[:used], want_lp,
+                                                        row.stop_token_ids)
                 if res.finished and not row.done:
-                    row.finish("length")
+                    # vLLM's own stop (the eos a JSON grammar allows once the answer is complete)
+                    row.finish("stop" if out.finish_reason == "stop" else "length")
                 while events:
-                    yield events.pop(0)
+                    event = events.pop(0)
+                    if want_lp is not None and pending_lp:
+                        event.logprobs, pending_lp = pending_lp, []
+                    yield event
                 if row.done:
                     self.metrics.finished(time.monotonic() - row.submitted, row.completion_tokens, 0.0, "ok")
                     return
@@ -225,6 +348,9 @@ class VLLMEngine:
         if self._async is not None:
             self._async.shutdown()
             self._async = None
+        loop = self.__dict__.pop("_loop", None)
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.stop)
         if self._llm is not None:
             llm, self._llm = self._llm, None
             del llm
