@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_chat_template import CHATS
+from chat_table import CHATS
 from upstream_checkpoints import INTERNVL_TOKENS, _sentencepiece
 
 from phantom_ray.model.config import PhantomConfig
