@@ -12,7 +12,7 @@ TORCH ?= torch==2.13.0
 # VLLM=0 skips installing vLLM (then the torch engine is the only backend)
 VLLM ?= 1
 
-.PHONY: install test test-fast test-scale quickstart clean
+.PHONY: install test test-fast test-extended quickstart clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -41,12 +41,13 @@ install: $(STAMP)
 # every CPU test: the fast default suite (~5 min on 2 cores) plus the slow end-to-end ones (~11 min:
 # job submission to a local Ray head, the quickstart, the learning run, killed-worker resume, serve CLI)
 test: install
-	VENV=$(VENV) bash scripts/run_tests.sh -m "not gpu and not scale"
+	VENV=$(VENV) bash scripts/run_tests.sh -m "not gpu and not extended"
 
-# the multi-node scaling tests on Ray's AutoscalingCluster (docs/scaling.md): nodes added and lost under
-# captioning, serving and training (~10 min on 2 cores, more than make test's budget leaves)
-test-scale: install
-	VENV=$(VENV) bash scripts/run_tests.sh -m scale
+# long runs beyond make test's budget: the multi-node tests on Ray's AutoscalingCluster (docs/scaling.md:
+# nodes added and lost under captioning, serving and training, ~10 min on 2 cores), two training runs
+# compared step by step, and vLLM's own entry points (vllm serve, ray.serve.llm, ray.data.llm)
+test-extended: install
+	VENV=$(VENV) bash scripts/run_tests.sh -m extended
 
 # the fast default suite only (what a bare `pytest` runs)
 test-fast: install

@@ -35,7 +35,7 @@ from phantom_ray import storage
 
 from autoscaling_cluster import LocalAutoscalingCluster, Sampler
 
-pytestmark = [pytest.mark.slow, pytest.mark.scale]
+pytestmark = [pytest.mark.slow, pytest.mark.extended]
 
 MAX_WORKERS = 3
 WORKER_TYPES = {"cpu1": {"resources": {"CPU": 1, "worker_slot": 1}, "node_config": {}, "min_workers": 0,
