@@ -35,7 +35,7 @@ import yaml
 import cluster_files as cf
 from helpers import free_port, submit_job, wait_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 # An InternLM2 export (phantom-7b / 1.8b) carries a tokenizer.json converted from InternVL2's
 # SentencePiece model (processing.tokenizers.tokenizer_files), so vLLM's AutoTokenizer loads it without
