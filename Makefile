@@ -38,7 +38,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# every CPU test: the fast default suite (~5 min on 2 cores) plus the slow end-to-end ones (~11 min:
+# the CPU tests: the fast default suite (~5 min on 2 cores) plus the slow end-to-end ones (~11 min:
 # job submission to a local Ray head, the quickstart, the learning run, killed-worker resume, serve CLI)
 test: install
 	VENV=$(VENV) bash scripts/run_tests.sh -m "not gpu and not extended"
