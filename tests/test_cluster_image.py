@@ -129,7 +129,7 @@ def _docker_daemon() -> str | None:
 def test_the_image_builds():
     why = _docker_daemon()
     if why is not None:
-        pytest.skip(f"cluster image build not run: {why}")
+        pytest.skip(reason=f"cluster image build not run: {why}")
     r = subprocess.run(["docker", "build", "-f", "cluster/Dockerfile", "-t", "phantom-ray:test", "."],
                        cwd=cf.REPO, capture_output=True, text=True, timeout=7000)
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
