@@ -230,6 +230,28 @@ def test_grad_accum_and_metrics(tmp_path, batches):
     assert rec.state.consumed == [s for b in batches for s in b["sample_id"]]
 
 
+def test_recipe_sets_up_after_the_process_group_is_torn_down_and_remade(tmp_path, batches):
+    """Whoever destroys the process group (an in-process vLLM engine does, and then makes its own)
+    leaves DeepSpeed's cached groups pointing at the dead world: the next recipe still sets up and
+    trains, both when it makes the group itself and when it finds one someone else made."""
+    import torch.distributed as dist
+
+    from phantom_ray.train.recipe import ensure_distributed
+
+    cfg = tiny_cfg(tmp_path, recipe={"step": 2})
+    _recipe(cfg, total_steps=1)
+    dist.destroy_process_group()
+    rec = _recipe(cfg, total_steps=1)          # the recipe makes the new group
+    rec.train_epoch(batches[:1])
+    assert rec.state.step == 1
+    dist.destroy_process_group()
+    os.environ.pop("MASTER_PORT", None)
+    ensure_distributed()                       # someone else makes it
+    rec = _recipe(cfg, total_steps=1)
+    rec.train_epoch(batches[:1])
+    assert rec.state.step == 1
+
+
 def test_save_resume_continues_identically_and_export_loads(tmp_path, batches):
     from phantom_ray.model import PhantomForCausalLM
     from phantom_ray.processing import load_tokenizer

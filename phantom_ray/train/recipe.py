@@ -72,6 +72,22 @@ def ensure_distributed(backend: str = "gloo") -> None:
     dist.init_process_group(backend=backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
+def forget_stale_deepspeed_groups() -> None:
+    """DeepSpeed caches the groups it makes (a clone of the world group, the data-parallel group) at
+    module level. When the world they belong to is destroyed and a new one made in the same process
+    (an in-process vLLM engine tears its group down; one test process runs many recipes), the cache
+    points at unregistered groups and ``deepspeed.initialize`` fails with "Group ... is not
+    registered". Drop the cache when any cached group is no longer part of the live world."""
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    cached = [g for g in (groups._WORLD_GROUP, groups._DATA_PARALLEL_GROUP, groups._MODEL_PARALLEL_GROUP,
+                          groups._ZERO_PARAM_INTRA_PARALLEL_GROUP) if g is not None]
+    live = dist.distributed_c10d._world.pg_group_ranks if dist.is_initialized() else {}
+    if any(g not in live for g in cached):
+        groups._release_process_group_references()
+
+
 def _rank_world() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -200,6 +216,7 @@ class PhantomRecipe:
         import deepspeed
 
         ensure_distributed("nccl" if self.device.type == "cuda" else "gloo")
+        forget_stale_deepspeed_groups()
         self.rank, self.world_size = _rank_world()
         cfg = self.cfg
         torch.manual_seed(cfg.run.seed)
