@@ -38,14 +38,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# the CPU tests: the fast default suite (~5 min on 2 cores) plus the slow end-to-end ones (~11 min:
-# job submission to a local Ray head, the quickstart, the learning run, killed-worker resume, serve CLI)
+# the CPU tests: the fast default suite (~13 min on 2 cores) plus the slow end-to-end ones (~25 min: the
+# shipped chain as Ray jobs on a local Ray head, the quickstart, S3 and killed-worker resume, the serve
+# CLI, vLLM's own entry points vllm serve / ray.serve.llm / ray.data.llm)
 test: install
 	VENV=$(VENV) bash scripts/run_tests.sh -m "not gpu and not extended"
 
 # long runs beyond make test's budget: the multi-node tests on Ray's AutoscalingCluster (docs/scaling.md:
-# nodes added and lost under captioning, serving and training, ~10 min on 2 cores), two training runs
-# compared step by step, and vLLM's own entry points (vllm serve, ray.serve.llm, ray.data.llm)
+# nodes added and lost under captioning, serving and training, ~12 min on 2 cores), two training runs
+# compared step by step, the shipped tiny-cpu config's full learning run (~4 min), job submission with
+# local storage (~4 min)
 test-extended: install
 	VENV=$(VENV) bash scripts/run_tests.sh -m extended
 

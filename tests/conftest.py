@@ -133,9 +133,16 @@ def ray_head():
                 time.sleep(1)
         yield f"http://127.0.0.1:{dash}", env
     finally:
+        # SIGTERM, then SIGKILL after a short grace: the head's state is thrown away with its temp dir,
+        # and a graceful stop of every worker took ~35 s per head
         os.killpg(proc.pid, 15)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
+            pass
+        try:
             os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)

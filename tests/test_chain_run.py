@@ -169,20 +169,21 @@ def test_the_shipped_chain_runs_end_to_end(s3_server, ray_head, tmp_path, monkey
         exports.append(export)
     model_uri = exports[-1]
 
-    # ---- eval of step 2's export
+    # ---- eval and caption of step 2's export: independent, so side by side (as init and pack)
     eval_argv = cf.rayjob_argv("rayjob-eval.yaml")
     assert eval_cfg["model"] == model_uri
-    _run_job(client, eval_argv + [f"benchmarks=[{','.join(EVAL_BENCHMARKS)}]", "limit=2", "num_gpus=0",
-                                  "num_cpus=0.5", "min_replicas=1", "max_replicas=1"],
-             _runtime_env("rayjob-eval.yaml", extra_env), 300, timings)
+    assert cf.option_value(cap_argv, "--model") == model_uri
+    eval_job = _start_job(client, eval_argv + [f"benchmarks=[{','.join(EVAL_BENCHMARKS)}]", "limit=2", "num_gpus=0",
+                                               "num_cpus=0.5", "min_replicas=1", "max_replicas=1"],
+                          _runtime_env("rayjob-eval.yaml", extra_env))
+    cap_job = _start_job(client, cap_argv + ["--num-gpus", "0", "--num-cpus", "0.5", "--min-replicas", "1",
+                                             "--max-replicas", "1", "--max-tokens", "4", "--batch-size", "4",
+                                             "--no-progress"],
+                         _runtime_env("rayjob-caption.yaml", extra_env))
+    _finish_job(client, eval_job, 400, timings)
     results = json.loads(storage.read_bytes(storage.join(eval_cfg["output"], "results.json")))
     assert results, "eval wrote no results"
-
-    # ---- caption with step 2's export
-    assert cf.option_value(cap_argv, "--model") == model_uri
-    _run_job(client, cap_argv + ["--num-gpus", "0", "--num-cpus", "0.5", "--min-replicas", "1", "--max-replicas", "1",
-                                 "--max-new-tokens", "4", "--batch-size", "4", "--no-progress"],
-             _runtime_env("rayjob-caption.yaml", extra_env), 300, timings)
+    _finish_job(client, cap_job, 400, timings)
     import pyarrow.parquet as pq
 
     out = cf.option_value(cap_argv, "--output")

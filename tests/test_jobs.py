@@ -1,5 +1,6 @@
-"""Operations: real `ray job submit` of the training and captioning jobs to a local Ray head, and the
-quickstart end to end with the small budget."""
+"""Operations: real `ray job submit` of the training and captioning jobs to a local Ray head, with
+local storage (make test-extended; make test's tests/test_chain_run.py submits the same entry points
+with the shipped manifests' arguments, on S3)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # test_chain_run.py submits the same jobs (from the shipped manifests, on S3)
 def test_submit_training_and_captioning_jobs(ray_head, tmp_path, monkeypatch):
     from ray.job_submission import JobSubmissionClient
 

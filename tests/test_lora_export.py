@@ -101,7 +101,6 @@ def write_lora_export(directory: str, seed: int = 0, scale: float = 0.5) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.extended  # its in-process vLLM engine leaves a torch.distributed group that DeepSpeed in later tests refuses
 def test_vllm_engine_applies_the_unmerged_adapter(tmp_path):
     """vLLM's load_weights merges the adapter too: the same greedy text as the torch engine on the
     export, which differs from the base weights' text."""

@@ -153,6 +153,7 @@ def test_s3_checkpoints_resume_and_export(s3_bucket, ray_local, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~4 min; make test's quickstart test asserts that training beats the start
 def test_tiny_cpu_config_learns_the_synthetic_task(ray_local, tmp_path):
     """tiny-cpu.yaml as shipped (2 workers, ZeRO-2, PO, step 2): held-out choice accuracy.
 

