@@ -157,9 +157,6 @@ def test_logprobs_follow_the_greedy_choice(client):
     assert plain.choices[0].message.content == out.choices[0].message.content and plain.choices[0].logprobs is None
 
 
-@pytest.mark.xfail(strict=False, reason="open defect (#21): two identical seeded sampled requests gave different "
-                   "texts on vLLM in the full suite (the second request is served from the prefix cache); "
-                   "greedy n>1 is exact")
 def test_n_choices_and_seed(client):
     greedy = client.chat.completions.create(**_chat(n=3))
     assert [c.index for c in greedy.choices] == [0, 1, 2]

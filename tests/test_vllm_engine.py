@@ -103,6 +103,29 @@ def test_stream_equals_generate(engines):
         assert done.type == "done" and text == w.text and done.completion_tokens == w.completion_tokens
 
 
+@pytest.mark.slow
+def test_seeded_sampling_depends_on_seed_and_key_only(engines):
+    """A seeded sampled request gives the same text call after call, through submit() and stream()
+    (the second call's prompt comes from the prefix cache): the key "" (a seeded serving request's
+    first choice) is kept as given, not replaced by a per-call name. Another key samples another
+    answer. The engine started on one loop serves callers on others: test_stream_equals_generate's
+    asyncio.run() loop has ended (the engine starts afresh on submit's loop), and a stream from a new
+    asyncio.run() loop is relayed to submit's."""
+    v, _ = engines
+    params = SamplingParams(max_tokens=10, temperature=1.0, seed=11, ignore_eos=True)
+
+    def submitted(key):
+        return v.submit(Request.user("Describe the image.", params=params, key=key)).result(timeout=300).text
+
+    async def streamed(key):
+        return "".join([ev.text async for ev in v.stream(Request.user("Describe the image.", params=params, key=key))
+                        if ev.type == "delta"])
+
+    first = submitted("")
+    assert submitted("") == first == asyncio.run(streamed(""))
+    assert submitted("choice-1") != first
+
+
 def test_engine_start_tolerates_flask_proxies_in_the_process():
     """vLLM's CPU kernel rebinding scans every module namespace with hasattr(); flask's unbound
     request/session proxies raise RuntimeError there (flask is in any process that imported moto's

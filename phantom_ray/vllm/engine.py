@@ -68,6 +68,7 @@ class VLLMEngine:
         self.metrics = metrics if metrics is not None else NullMetrics()
         self._llm = None
         self._async = None
+        self._async_loop: asyncio.AbstractEventLoop | None = None  # the loop the async engine lives on
         self._ids = itertools.count()
 
     @classmethod
@@ -143,6 +144,14 @@ class VLLMEngine:
         return self._llm
 
     def _async_engine(self):
+        """vLLM's AsyncLLM, started on the running loop on first use. It belongs to that loop (its
+        output task runs there): requests from another running loop are relayed to it (see
+        :meth:`stream`, :meth:`submit`); if that loop has ended (an ``asyncio.run`` that returned),
+        nothing can be in flight and the engine is started afresh on the current loop."""
+        loop = asyncio.get_running_loop()
+        if self._async is not None and self._async_loop is not loop and self._async_loop.is_closed():
+            self._async.shutdown()
+            self._async = None
         if self._async is None:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
@@ -151,7 +160,13 @@ class VLLMEngine:
 
             register()
             self._async = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
+            self._async_loop = loop
         return self._async
+
+    def _live_engine_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The async engine's loop while it is running (None: no engine yet, or its loop ended)."""
+        loop = self._async_loop if self._async is not None else None
+        return loop if loop is not None and loop.is_running() else None
 
     # ---- requests ----------------------------------------------------------------------------------
     def prepare(self, request: Request) -> Sample:
@@ -268,7 +283,8 @@ class VLLMEngine:
         """Start one request on the async engine; returns a ``concurrent.futures.Future`` of its
         :class:`Generation` (an error Generation for a request that cannot be served). Thread-safe:
         the requests of several callers share vLLM's batches."""
-        return asyncio.run_coroutine_threadsafe(self._complete(request), self._background_loop())
+        return asyncio.run_coroutine_threadsafe(self._complete(request),
+                                                self._live_engine_loop() or self._background_loop())
 
     def _background_loop(self) -> asyncio.AbstractEventLoop:
         import threading
@@ -287,7 +303,9 @@ class VLLMEngine:
         except ProcessingError as exc:
             return error_generation(exc)
         engine = self._async_engine()
-        row = self.text_stream(sample, request.params, request.key or f"submit-{next(self._ids)}")
+        # the request key as given, "" included: it seeds sampling (SamplingParams.seed_for), so a seeded
+        # request must not get a per-call name here (the torch engine does the same)
+        row = self.text_stream(sample, request.params, request.key)
         rid = f"phantom-{os.getpid()}-{next(self._ids)}"
         final = None
         async for res in engine.generate(prompt, self._vllm_params(row.params, row.key), rid):
@@ -304,7 +322,48 @@ class VLLMEngine:
 
     # ---- streaming ---------------------------------------------------------------------------------
     async def stream(self, request: Request) -> AsyncIterator[Event]:
-        """Events of one request: ``delta`` pieces, then one ``done`` or one ``error``."""
+        """Events of one request: ``delta`` pieces, then one ``done`` or one ``error``. Called on the
+        loop the engine lives on (a Serve replica's), it runs there; called from another running loop
+        (the engine was started by :meth:`submit`), it is relayed through the engine's loop."""
+        home = self._live_engine_loop()
+        if home is not None and home is not asyncio.get_running_loop():
+            async for event in self._relayed(request, home):
+                yield event
+            return
+        async for event in self._stream_here(request):
+            yield event
+
+    async def _relayed(self, request: Request, home: asyncio.AbstractEventLoop) -> AsyncIterator[Event]:
+        caller = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        end = object()
+
+        def put(item) -> None:
+            try:
+                caller.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the caller's loop has ended: nobody is listening
+                pass
+
+        async def pump() -> None:
+            try:
+                async for event in self._stream_here(request):
+                    put(event)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's loop
+                put(exc)
+            finally:
+                put(end)
+
+        future = asyncio.run_coroutine_threadsafe(pump(), home)
+        try:
+            while (item := await queue.get()) is not end:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not future.done():  # the caller stopped early: cancelling the pump aborts vLLM's request
+                future.cancel()
+
+    async def _stream_here(self, request: Request) -> AsyncIterator[Event]:
         try:
             sample = await asyncio.to_thread(self.prepare, request)
         except ProcessingError as exc:
@@ -313,7 +372,7 @@ class VLLMEngine:
             return
         engine = self._async_engine()
         events: list[Event] = []
-        row = self.text_stream(sample, request.params, request.key or f"stream-{next(self._ids)}", sink=events.append)
+        row = self.text_stream(sample, request.params, request.key, sink=events.append)  # as in _complete
         rid = f"phantom-{os.getpid()}-{next(self._ids)}"
         prompt = vllm_prompt(self.processor, sample, list(request.images))
         vllm_done = False
@@ -348,6 +407,7 @@ class VLLMEngine:
         if self._async is not None:
             self._async.shutdown()
             self._async = None
+            self._async_loop = None
         loop = self.__dict__.pop("_loop", None)
         if loop is not None:
             loop.call_soon_threadsafe(loop.stop)
