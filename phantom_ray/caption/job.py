@@ -125,14 +125,6 @@ def run_caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = Non
             runtime_env=storage.storage_runtime_env())  # S3 settings reach the actors through Ray
         todo_rows = plan["rows"] - already
         bar = _Progress(todo_rows, cfg.progress)
-        # Ray Data grows an actor pool only into resources the cluster has now: on an autoscaling
-        # cluster that starts without model nodes the pool would stay at min_replicas for good. So the
-        # pool's upper bound is asked of the cluster autoscaler up front (docs/scaling.md), and the
-        # request is withdrawn when the job ends, so that the nodes can idle out
-        from ray.autoscaler.sdk import request_resources
-
-        replica = {"CPU": cfg.num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-        request_resources(bundles=[replica] * replicas[1])
         try:
             for r in ds.iter_rows():
                 if t_first is None:
@@ -148,7 +140,6 @@ def run_caption(cfg: CaptionConfig, on_chunk: Callable[[int], None] | None = Non
                 if on_chunk is not None:
                     on_chunk(int(r["chunk"]))
         finally:
-            request_resources(bundles=[])
             bar.close()
     wall = time.perf_counter() - t0
     startup = (t_first - t0) if t_first is not None else wall

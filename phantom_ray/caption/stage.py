@@ -218,13 +218,22 @@ class ChunkCaptioner:
 
 def actor_pool(engine: str, min_size: int, max_size: int, calls_per_actor: int = VLLM_CHUNKS_PER_ACTOR):
     """The autoscaling actor pool of captioning (and eval) replicas: on vllm, each actor takes
-    ``calls_per_actor`` calls at once (they feed one engine; see the module docstring)."""
+    ``calls_per_actor`` calls at once (they feed one engine; see the module docstring).
+
+    The pool starts ``max_size`` actors (``initial_size``) and shrinks towards ``min_size`` when they
+    idle. Ray Data grows a pool only into resources the cluster has now, so on an autoscaling cluster
+    that starts without model nodes a pool starting at ``min_size`` never grows; its pending actors
+    are what the cluster autoscaler adds nodes for (docs/scaling.md). A request of our own through
+    ``ray.autoscaler.sdk.request_resources`` does not hold: Ray Data's autoscaling coordinator sends
+    the merged request of its executors with the same call and replaces it, and the nodes it had
+    started idled out and were started again. ``max_size`` is bounded by what the cluster can hold
+    (``phantom_ray.caption.job.replica_bounds``)."""
     from ray.data import ActorPoolStrategy
 
     if engine == "vllm":
-        return ActorPoolStrategy(min_size=min_size, max_size=max_size,
+        return ActorPoolStrategy(min_size=min_size, max_size=max_size, initial_size=max_size,
                                  max_concurrent_calls_per_actor=calls_per_actor, enable_true_multi_threading=True)
-    return ActorPoolStrategy(min_size=min_size, max_size=max_size)
+    return ActorPoolStrategy(min_size=min_size, max_size=max_size, initial_size=max_size)
 
 
 __all__ = ["ChunkCaptioner", "actor_pool", "load_caption_engine", "METADATA_KEY"]
