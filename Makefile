@@ -38,16 +38,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# the CPU tests: the fast default suite (~13 min on 2 cores) plus the slow end-to-end ones (~25 min: the
+# the CPU tests: the fast default suite (~13 min on 2 cores) plus the slow end-to-end ones (~23 min: the
 # shipped chain as Ray jobs on a local Ray head, the quickstart, S3 and killed-worker resume, the serve
-# CLI, vLLM's own entry points vllm serve / ray.serve.llm / ray.data.llm)
+# CLI, vLLM's own entry points vllm serve / ray.serve.llm / ray.data.llm, the multi-node tests on Ray's
+# AutoscalingCluster (docs/scaling.md), two training runs compared step by step)
 test: install
 	VENV=$(VENV) bash scripts/run_tests.sh -m "not gpu and not extended"
 
-# long runs beyond make test's budget: the multi-node tests on Ray's AutoscalingCluster (docs/scaling.md:
-# nodes added and lost under captioning, serving and training, ~12 min on 2 cores), two training runs
-# compared step by step, the shipped tiny-cpu config's full learning run (~4 min), job submission with
-# local storage (~4 min)
+# long runs beyond make test's budget: the shipped tiny-cpu config's full learning run (~4 min), job
+# submission with local storage (~4 min); the chain and the quickstart tests cover both in make test
 test-extended: install
 	VENV=$(VENV) bash scripts/run_tests.sh -m extended
 

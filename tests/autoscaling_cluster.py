@@ -150,7 +150,10 @@ class LocalAutoscalingCluster(AutoscalingCluster):
                 if proc.poll() is not None and not self._group_pids():
                     break
             self._log.close()
-        shutil.rmtree(getattr(self, "temp_dir", ""), ignore_errors=True)
+        if os.environ.get("PHANTOM_KEEP_CLUSTER_LOGS"):  # the session logs (monitor.log: launches, terminations)
+            print(f"autoscaling cluster logs kept in {self.temp_dir}")
+        else:
+            shutil.rmtree(getattr(self, "temp_dir", ""), ignore_errors=True)
 
     # ---- observing and breaking nodes ------------------------------------------------------------
 

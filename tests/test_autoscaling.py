@@ -35,7 +35,7 @@ from phantom_ray import storage
 
 from autoscaling_cluster import LocalAutoscalingCluster, Sampler
 
-pytestmark = [pytest.mark.slow, pytest.mark.extended]
+pytestmark = pytest.mark.slow
 
 MAX_WORKERS = 3
 WORKER_TYPES = {"cpu1": {"resources": {"CPU": 1, "worker_slot": 1}, "node_config": {}, "min_workers": 0,
@@ -179,6 +179,14 @@ def test_captioning_grows_the_cluster_to_three_nodes_and_shrinks_it_after(cluste
 
 @pytest.mark.timeout(240)
 def test_a_node_killed_mid_captioning_loses_and_duplicates_nothing(cluster, image_bucket):
+    """A pool of 2 replicas on 2 nodes; when half the chunks are done one node is SIGKILLed. Ray Data
+    restarts its actor, whose demand makes the autoscaler start a new node. The fake provider keeps a
+    killed node in its node list (a cloud provider's list drops the dead instance once the autoscaler
+    or the cloud terminates it), so the dead node still counts against max_workers: hence 2 replicas
+    of at most 3 nodes. The surviving replica could finish the other half before the node is declared
+    dead (~3 s) and replaced, after which nothing would ask for one: so the driver, as it reads the next
+    chunk's counts, waits (at most 90 s) until a node that was not there at the kill is alive. The job
+    cannot finish meanwhile (its output is not read), so the replacement is made for this job."""
     from phantom_ray.caption.job import run_caption
 
     root, uris = image_bucket
@@ -189,7 +197,14 @@ def test_a_node_killed_mid_captioning_loses_and_duplicates_nothing(cluster, imag
 
     def on_chunk(i: int) -> None:  # on the driver, as each chunk's counts come back
         on_chunk.done += 1
-        if killed or on_chunk.done < n_chunks // 2:
+        if killed:
+            if "replaced_after_s" not in killed:
+                def replacement():
+                    return {n["NodeID"] for n in cluster.worker_nodes()} - before
+                new = _wait_for(replacement, 90, "a replacement for the killed node")
+                killed.update(replaced_after_s=time.monotonic() - killed["t"], replacement=sorted(new))
+            return
+        if on_chunk.done < n_chunks // 2:
             return
         nodes = cluster.worker_nodes()
         before.update(n["NodeID"] for n in nodes)
@@ -204,16 +219,17 @@ def test_a_node_killed_mid_captioning_loses_and_duplicates_nothing(cluster, imag
         return _caption_workers()
 
     with Sampler(extra=nodes_and_workers) as s:
-        summary = run_caption(_caption_cfg(f"{root}/images/", f"{root}/captions/node-killed"), on_chunk=on_chunk)
+        summary = run_caption(_caption_cfg(f"{root}/images/", f"{root}/captions/node-killed", max_replicas=2),
+                              on_chunk=on_chunk)
     print("\n" + s.format("captioning, a node killed"))
     print(f"killed node {killed.get('node')} ({len(killed.get('pids', []))} processes) after chunk "
-          f"{killed.get('at_chunk')} of {n_chunks}")
+          f"{killed.get('at_chunk')} of {n_chunks}; replacement {killed.get('replacement')} alive "
+          f"{killed.get('replaced_after_s', float('nan')):.1f}s after the kill")
     assert killed, "no node was killed"
     _assert_exactly_once(f"{root}/captions/node-killed", uris)
     assert summary["images_processed"] == len(uris)
-    seen = set().union(*node_ids)
     assert killed["node"] not in set().union(*node_ids[-3:]), "the killed node is still listed alive"
-    assert seen - before, "the autoscaler never started a replacement node"
+    assert "replaced_after_s" in killed, "the job ended before a chunk came back after the kill"
 
 
 # ---- serving -------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-@pytest.mark.extended
 @pytest.mark.timeout(600)
 def test_two_runs_of_one_config_give_identical_per_step_losses(ray_local, tmp_path):
     from phantom_ray.train.ray_trainer import run_training

@@ -96,11 +96,14 @@ def _ask_all(client, model: str) -> dict[str, str]:
     return out
 
 
-def _assert_same_answers(got: dict[str, str], reference: dict[str, str]) -> None:
-    """Greedy answers equal our engine's. The tiny model has random weights, so an answer can end in
+def _assert_same_answers(got: dict[str, str], reference: dict[str, str], where: str) -> None:
+    """Greedy answers equal our engine's (printed side by side: ``-s``). The tiny model has random weights, so an answer can end in
     (or contain) byte tokens of incomplete UTF-8: vLLM's incremental detokenizer and our text stream
     render those (and the space next to them) differently although the tokens are the same (seen on
     the text chat); such answers are compared without U+FFFD and whitespace."""
+    print(f"\n{where} vs phantom_ray's engine (greedy, {MAX_TOKENS} tokens):")
+    for name, text in got.items():
+        print(f"  {name:>10}: {text!r} | ours {reference[name]!r}")
     for name, text in got.items():
         want = reference[name]
         if "\ufffd" in text + want:
@@ -145,7 +148,7 @@ def test_vllm_serve_answers_the_openai_client_like_our_engine(export, reference,
                 raise AssertionError(f"vllm serve not up:\n{(tmp_path / 'vllm_serve.log').read_text()[-4000:]}")
             time.sleep(1)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-        _assert_same_answers(_ask_all(client, "phantom"), reference)
+        _assert_same_answers(_ask_all(client, "phantom"), reference, "vllm serve + openai client")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 15)
@@ -186,7 +189,7 @@ def test_ray_serve_llm_build_openai_app_like_our_engine(export, reference, ray_l
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(2)
-        _assert_same_answers(_ask_all(client, "phantom"), reference)
+        _assert_same_answers(_ask_all(client, "phantom"), reference, "ray.serve.llm build_openai_app")
     finally:
         serve.shutdown()
 
@@ -227,4 +230,5 @@ def test_ray_data_llm_build_processor_captions_like_our_engine(export, reference
     ds = ray.data.from_items([{"id": i, "image": img} for i, img in enumerate(IMAGES)])
     rows = sorted(processor(ds).take_all(), key=lambda r: r["id"])
     _assert_same_answers({f"caption{r['id']}": r["caption"] for r in rows},
-                         {f"caption{i}": reference[f"caption{i}"] for i in range(len(IMAGES))})
+                         {f"caption{i}": reference[f"caption{i}"] for i in range(len(IMAGES))},
+                         "ray.data.llm build_processor")
