@@ -55,6 +55,10 @@ def trap_env(port: int) -> dict[str, str]:
         env[name] = env[name.lower()] = proxy
     env["NO_PROXY"] = env["no_proxy"] = no_proxy
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # a head started by `ray start` (tests' Ray heads, the autoscaling cluster) still tells Ray's stats
+    # server that usage stats are disabled (the dashboard's usage-stats module): that report goes to a
+    # closed loopback port instead of https://usage-stats.ray.io/
+    env["RAY_USAGE_STATS_REPORT_URL"] = "http://127.0.0.1:9/"
     # vLLM's usage reporting (a POST to its stats server, cloud-provider probes)
     env["VLLM_NO_USAGE_STATS"] = env["DO_NOT_TRACK"] = "1"
     return env

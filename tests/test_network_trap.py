@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import textwrap
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -82,6 +83,8 @@ def test_runner_environment_routes_proxy_clients_to_the_trap():
         assert os.environ[name].startswith("http://127.0.0.1:"), name
     no_proxy = os.environ["NO_PROXY"].split(",")
     assert {"127.0.0.1", "localhost", "::1"} <= set(no_proxy)
+    # Ray's usage report (sent by a `ray start` head even with usage stats disabled) stays on loopback
+    assert _local(urlsplit(os.environ["RAY_USAGE_STATS_REPORT_URL"]).hostname, set())
     # a proxy-aware client asking for a metadata address reaches the trap, not the network
     import urllib.error
     import urllib.request
