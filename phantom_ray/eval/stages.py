@@ -225,7 +225,6 @@ class StageOptions:
 def build_generation_dataset(rows: list[dict], opts: StageOptions):
     """rows (key, shard, uri | image, prompt, max_tokens) -> Ray Dataset of generation rows."""
     import ray
-    from ray.data import ActorPoolStrategy
 
     from phantom_ray.runtime import init_ray, resolve_num_gpus
 
@@ -261,7 +260,7 @@ def build_generation_dataset(rows: list[dict], opts: StageOptions):
     threads = max(1, int(opts.num_cpus)) if num_gpus == 0 else None
     return ds.map_batches(
         Captioner, batch_format="pyarrow", batch_size=opts.batch_size,
-        compute=ActorPoolStrategy(min_size=opts.min_replicas, max_size=opts.max_replicas),
+        compute=actor_pool("torch", opts.min_replicas, opts.max_replicas),
         num_gpus=num_gpus, num_cpus=opts.num_cpus,
         fn_constructor_kwargs={"model_id": opts.model, "generation": opts.generation.to_dict(),
                                "batch_size": opts.batch_size, "dtype": opts.dtype,
