@@ -38,15 +38,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# the CPU tests: the fast default suite (~13 min on 2 cores) plus the slow end-to-end ones (~23 min: the
-# shipped chain as Ray jobs on a local Ray head, the quickstart, S3 and killed-worker resume, the serve
+# the CPU tests: the fast default suite (~13 min on 2 cores) plus the slow end-to-end ones (~22 min: the
+# shipped chain as Ray jobs on a local Ray head, the quickstart, S3 checkpoint resume, the serve
 # CLI, vLLM's own entry points vllm serve / ray.serve.llm / ray.data.llm, the multi-node tests on Ray's
 # AutoscalingCluster (docs/scaling.md), two training runs compared step by step)
 test: install
 	VENV=$(VENV) bash scripts/run_tests.sh -m "not gpu and not extended"
 
 # long runs beyond make test's budget: the shipped tiny-cpu config's full learning run (~4 min), job
-# submission with local storage (~4 min); the chain and the quickstart tests cover both in make test
+# submission with local storage (~4 min), a killed Train worker (~2.5 min); in make test the chain and
+# the quickstart cover the first two, the AutoscalingCluster's node loss under training the third
 test-extended: install
 	VENV=$(VENV) bash scripts/run_tests.sh -m extended
 

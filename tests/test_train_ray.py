@@ -183,6 +183,8 @@ def test_tiny_cpu_config_learns_the_synthetic_task(ray_local, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # ~2.5 min; make test's tests/test_autoscaling.py kills a whole node under training
+# and asserts the same: one failure, restart from the last checkpoint, every sample once, the planned step
 def test_killed_worker_resumes_without_repeating_or_skipping_samples(ray_local, tmp_path):
     from phantom_ray.train.ray_trainer import list_checkpoints, run_training
 
