@@ -161,8 +161,10 @@ class _TrainProgress:
             if last["step"] > self.n:
                 self.bar.update(last["step"] - self.n)
                 self.n = last["step"]
-            if isinstance(last.get("loss"), (int, float)):
-                self.bar.set_postfix_str(f"loss {last['loss']:.3f}")
+            # the newest step with a loss (the newest record may not carry one yet), named with its step
+            scored = next((r for r in reversed(recs) if isinstance(r.get("loss"), (int, float))), None)
+            if scored is not None:
+                self.bar.set_postfix_str(f"loss {scored['loss']:.3f} (step {scored['step']})")
 
     def _loop(self) -> None:
         while not self.stop.wait(2.0):
